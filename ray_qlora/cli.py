@@ -1,0 +1,107 @@
+"""`ray-qlora VERB CONFIG`: a table of verbs, each calling one stage function.
+
+Heavy libraries (torch, transformers, ray) are imported by the stages, not
+here, so `ray-qlora validate` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Callable
+
+from ray_qlora.config import ConfigError, PipelineConfig, load_config
+
+__all__ = ["VERBS", "main"]
+
+
+def _validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    space = ", ".join(cfg.tune.search_space) or "none"
+    print(f"config OK: data from {len(cfg.data.input_uris)} URI(s), base {cfg.model.base}, "
+          f"search over {space}, runs under {cfg.run.output_uri}")
+    return 0
+
+
+def _stage(name: str) -> Callable[[PipelineConfig, argparse.Namespace], int]:
+    def run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+        from ray_qlora.pipeline import Run, connect_ray, run_stage
+
+        connect_ray(cfg)
+        result = run_stage(Run(cfg, args.run_id), name)
+        if name == "evaluate":
+            print(result["table"])
+        if name == "serve":
+            _serve_until_interrupted(cfg, args, result)
+        return 0
+
+    return run
+
+
+def _serve_until_interrupted(cfg: PipelineConfig, args: argparse.Namespace, served: dict) -> None:
+    """On a cluster Serve outlives this process; a local Ray dies with it, so wait."""
+    import os
+
+    print(f"serving {served['model']!r} at {served['base_url']}", flush=True)
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or args.no_wait:
+        return
+    print("local Ray: serving until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from ray_qlora.pipeline import run_pipeline
+
+    run = run_pipeline(cfg, run_id=args.run_id)
+    print(run.output("evaluate")["table"])
+    _serve_until_interrupted(cfg, args, run.output("serve"))
+    return 0
+
+
+VERBS: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], int]]] = {
+    "validate": ("check a config without running anything", _validate),
+    "run": ("run every stage, prepare through serve", _run),
+    "prepare": ("raw data -> tokenized train/eval shards + quarantine (Ray Data)", _stage("prepare")),
+    "tune": ("parallel QLoRA trials, best adapter picked (Ray Tune)", _stage("tune")),
+    "merge": ("merge the best adapter into the 16-bit base and verify it", _stage("merge")),
+    "evaluate": ("base vs tuned on the held-out split", _stage("evaluate")),
+    "serve": ("deploy the merged model behind an OpenAI-compatible API (Ray Serve)", _stage("serve")),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-qlora", description="QLoRA fine-tuning on Ray, from object storage to an endpoint.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for verb, (help_, _) in VERBS.items():
+        sp = sub.add_parser(verb, help=help_)
+        sp.add_argument("config", help="pipeline YAML file")
+        sp.add_argument("--run-id", help="run folder name (default: run.run_id, else a timestamp)")
+        sp.add_argument("--no-wait", action="store_true", help="return after deploying even on a local Ray")
+    d = sub.add_parser("demo", help="the embedded default: local S3 + local Ray + SmolLM2 + sample data")
+    d.add_argument("config", nargs="?", default="jobs/configs/demo.yaml")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.verb == "demo":
+            from ray_qlora.demo import demo
+
+            demo(args.config)
+            return 0
+        cfg = load_config(args.config)
+        return VERBS[args.verb][1](cfg, args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""One pipeline config, from a YAML file to every stage.
+
+Each concern is a small pydantic model; ``PipelineConfig`` combines them.
+Unknown keys are rejected (a typo must not silently fall back to a default)
+and every error names the dotted key the user has to fix. Secrets never live
+here: S3 credentials come from the environment (see ``storage.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "PipelineConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every key to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    output_uri: str = Field(
+        description="Where run folders go: s3://bucket/prefix, file:///path or a plain path.")
+    run_id: str | None = Field(
+        None, description="Name of the run folder; a timestamp when unset.")
+    seed: int = Field(42, description="Seeds the split, the trials and sampling.")
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v.startswith(".")):
+            raise ValueError("must be a non-empty name without '/' and not starting with '.'")
+        return v
+
+
+class StorageConfig(_Strict):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto, Ceph...); env AWS_ENDPOINT_URL when unset.")
+    region: str = Field("us-east-1", description="S3 region.")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Cluster to join ('auto', 'ray://...'); a local Ray is started when unset.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (ignored when joining a cluster).")
+
+
+class DataConfig(_Strict):
+    input_uris: list[str] = Field(
+        min_length=1, description="Files or folders of .jsonl/.json/.parquet instruction data.")
+    format: Literal["auto", "alpaca", "messages", "prompt_completion"] = Field(
+        "auto", description="Row format; 'auto' detects it per row.")
+    system_prompt: str | None = Field(
+        None, description="System message added to rows that have none.")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of rows held out for eval.")
+    max_seq_length: int = Field(512, ge=8, description="Token limit per example.")
+    length_policy: Literal["quarantine", "truncate"] = Field(
+        "quarantine", description="What to do with an example over max_seq_length.")
+    dedup: bool = Field(True, description="Drop exact duplicate conversations (they go to quarantine).")
+
+
+class QuantizationConfig(_Strict):
+    load_in_4bit: bool = Field(True, description="QLoRA: freeze the base in 4-bit.")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Matmul dtype; 'auto': bfloat16 on GPU, float32 on CPU (bf16 is emulated there).")
+
+
+class ModelConfig(_Strict):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="'smollm2-135m-instruct' (embedded), a local folder, an s3:// folder, or a hub id.")
+    quantization: QuantizationConfig = QuantizationConfig()
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class TrainingConfig(_Strict):
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use num_epochs).")
+    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    gradient_checkpointing: bool = True
+    eval_steps: int = Field(10, ge=1, description="Evaluate and report to Tune every N steps.")
+    logging_steps: int = Field(5, ge=1)
+
+
+class SearchDim(_Strict):
+    """One search dimension: either a list of values or a numeric range."""
+
+    values: list[Any] | None = Field(None, description="Grid values (every one is tried).")
+    choice: list[Any] | None = Field(None, description="Values sampled at random.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high] sampled log-uniformly.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchDim":
+        set_ = [k for k in ("values", "choice", "loguniform", "uniform") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError("give exactly one of values, choice, loguniform, uniform")
+        for k in ("loguniform", "uniform"):
+            rng = getattr(self, k)
+            if rng is not None and not rng[0] < rng[1]:
+                raise ValueError(f"{k}: low must be below high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: low must be > 0")
+        return self
+
+
+# Keys a trial may override, mapped to the config section they live in.
+TUNABLE_KEYS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("training", "learning_rate"),
+    "num_epochs": ("training", "num_epochs"),
+    "batch_size": ("training", "batch_size"),
+    "gradient_accumulation_steps": ("training", "gradient_accumulation_steps"),
+    "warmup_ratio": ("training", "warmup_ratio"),
+    "weight_decay": ("training", "weight_decay"),
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+}
+
+
+class AshaConfig(_Strict):
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1, description="Reports before a trial may be stopped.")
+    reduction_factor: int = Field(2, ge=2)
+
+
+class TuneConfig(_Strict):
+    search_space: dict[str, SearchDim] = Field(
+        default_factory=dict, description=f"Keys from: {', '.join(TUNABLE_KEYS)}.")
+    num_samples: int = Field(1, ge=1, description="Samples of the space (grid values multiply it).")
+    max_concurrent_trials: int = Field(2, ge=1)
+    cpus_per_trial: int = Field(1, ge=1)
+    gpus_per_trial: float | Literal["auto"] = Field(
+        "auto", description="'auto': 1 when the cluster has GPUs, else 0.")
+    metric: Literal["eval_loss"] = "eval_loss"
+    asha: AshaConfig = AshaConfig()
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_keys(cls, v: dict[str, SearchDim]) -> dict[str, SearchDim]:
+        unknown = sorted(set(v) - set(TUNABLE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown search key(s) {unknown}; tunable: {sorted(TUNABLE_KEYS)}")
+        return v
+
+
+class MergeConfig(_Strict):
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the 16-bit base the adapter is merged into and saved as.")
+    verify: bool = True
+    verify_prompts: int = Field(8, ge=1, description="Eval prompts the merged model is checked on.")
+    verify_max_new_tokens: int = Field(32, ge=1)
+    verify_min_match: float = Field(
+        0.9, ge=0.0, le=1.0,
+        description="Share of prompts whose greedy output must equal the unmerged model's.")
+
+
+class EvalConfig(_Strict):
+    max_examples: int = Field(64, ge=1, description="Held-out examples generated on.")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    task: Literal["auto", "exact_match", "json"] = Field(
+        "auto", description="'json' adds valid-JSON rate and field accuracy; 'auto' picks it when answers are JSON.")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    model_name: str | None = Field(None, description="Name clients send as 'model'; the run id when unset.")
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replicas; excludes autoscaling.")
+    autoscaling: AutoscalingConfig | None = None
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float | Literal["auto"] = "auto"
+    max_new_tokens: int = Field(256, ge=1, description="Cap on max_tokens per request.")
+    max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call.")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "ServeConfig":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
+
+class PipelineConfig(_Strict):
+    run: RunConfig
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+    tune: TuneConfig = TuneConfig()
+    merge: MergeConfig = MergeConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "PipelineConfig":
+        """A copy with ``{"training.learning_rate": 1e-3, ...}`` applied and re-validated."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return parse_config(data)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; unknown keys are rejected)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> PipelineConfig:
+    """Validate a config dict, raising ConfigError that names every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError("invalid config: the top level must be a mapping")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def _expand_env(text: str) -> str:
+    """${VAR} and ${VAR:-default} in the YAML, so one file serves laptop and cluster."""
+    import re
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3)
+        val = os.environ.get(name)
+        if val is None:
+            if default is None:
+                raise ConfigError(f"invalid config: environment variable {name} is not set (used as ${{{name}}})")
+            return default
+        return val
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", repl, text)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML config file (with ${ENV} expansion) and validate it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(_expand_env(p.read_text()))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid config: {p} is not valid YAML: {err}") from None
+    return parse_config(data or {})

