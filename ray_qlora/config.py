@@ -105,6 +105,8 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     gradient_checkpointing: bool = True
     eval_steps: int = Field(10, ge=1, description="Evaluate and report to Tune every N steps.")
+    eval_max_examples: int | None = Field(
+        None, ge=1, description="Held-out examples scored at each in-training eval (all when unset).")
     logging_steps: int = Field(5, ge=1)
 
 

@@ -141,6 +141,19 @@ def _write(ds: "ray.data.Dataset", columns: list[str], uri: str, cfg: PipelineCo
     ds.select_columns(columns).write_parquet(path, filesystem=fs)
 
 
+def _use_task_shuffle() -> None:
+    """Dedup's groupby through task-based sort shuffle.
+
+    The default hash shuffle starts aggregator actors that reserve CPUs; on a
+    2-CPU local cluster they starved the filter tasks feeding them, and one
+    aborted at teardown. Must run before the datasets are built.
+    """
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+
 def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
     """Run the stage; returns the manifest (also written to the run folder)."""
     from ray_qlora.modeling import resolve_base
@@ -150,27 +163,22 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
         raise FileNotFoundError(f"data.input_uris: no {'/'.join(DATA_SUFFIXES)} files under {cfg.data.input_uris}")
     log.info("prepare: %d input file(s)", len(files))
     resolve_base(cfg.model, cfg.storage)  # convert/download once here, not in every actor
+    _use_task_shuffle()
 
     processed = _read_raw(files, cfg).map_batches(
         _RowProcessor, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
         concurrency=1, batch_size=256, batch_format="numpy").materialize()
-    if cfg.data.dedup:
-        from ray.data import DataContext
-        from ray.data.context import ShuffleStrategy
-
-        # Task-based sort shuffle: the default hash shuffle's aggregator actors
-        # were seen aborting at teardown on small local clusters.
-        DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-        good = processed.filter(lambda r: r["ok"])
-        processed = good.groupby("content_hash").map_groups(_mark_duplicates, batch_format="pandas").union(
-            processed.filter(lambda r: not r["ok"])).materialize()
-
     ok = processed.filter(lambda r: r["ok"])
-    train = ok.filter(lambda r: r["split"] == "train").materialize()
-    evals = ok.filter(lambda r: r["split"] == "eval").materialize()
-    quarantine = processed.filter(lambda r: not r["ok"]).materialize()
+    if cfg.data.dedup:
+        ok = ok.groupby("content_hash").map_groups(_mark_duplicates, batch_format="pandas").materialize()
+    # Quarantine comes in two parts (rows rejected by the row pass, duplicates
+    # found by dedup), written side by side into one folder.
+    rejected = [processed.filter(lambda r: not r["ok"]).materialize(),
+                ok.filter(lambda r: not r["ok"]).materialize()]
+    train = ok.filter(lambda r: r["ok"] and r["split"] == "train").materialize()
+    evals = ok.filter(lambda r: r["ok"] and r["split"] == "eval").materialize()
     counts = {"read": processed.count(), "train": train.count(), "eval": evals.count(),
-              "quarantine": quarantine.count()}
+              "quarantine": sum(q.count() for q in rejected)}
     if not counts["train"] or not counts["eval"]:
         raise ValueError(f"prepare: {counts['train']} train / {counts['eval']} eval examples after quarantine; "
                          "need both: add data or change data.eval_fraction")
@@ -178,10 +186,12 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
     cols = ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash"]
     _write(train, cols, run.train, cfg)
     _write(evals, cols, run.eval, cfg)
-    _write(quarantine, ["path", "raw", "reason"], run.quarantine, cfg)
+    for q in rejected:
+        if q.count():
+            _write(q, ["path", "raw", "reason"], run.quarantine, cfg)
 
     reasons: dict[str, int] = {}
-    for reason in quarantine.select_columns(["reason"]).to_pandas()["reason"]:
+    for reason in (x for q in rejected for x in q.select_columns(["reason"]).to_pandas()["reason"]):
         key = reason.split(":")[0]  # group "too long: 812 tokens..." under "too long"
         reasons[key] = reasons.get(key, 0) + 1
     manifest = {

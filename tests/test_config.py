@@ -1,0 +1,107 @@
+"""Config validation: shipped files load; bad files fail naming the key to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ray_qlora.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"run": {"output_uri": "/tmp/out"}, "data": {"input_uris": ["/tmp/data"]}}
+
+
+def _with(**sections: dict) -> dict:
+    cfg = {k: dict(v) for k, v in MINIMAL.items()}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("RAY_QLORA_OUTPUT", "s3://bucket/out")
+    monkeypatch.setenv("RAY_QLORA_BASE", "smollm2-135m-instruct")
+    cfg = load_config(path)
+    assert cfg.data.input_uris
+
+
+def test_defaults_are_the_qlora_recipe() -> None:
+    cfg = parse_config(MINIMAL)
+    q = cfg.model.quantization
+    assert (q.load_in_4bit, q.quant_type, q.double_quant) == (True, "nf4", True)
+    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.training.lr_scheduler == "cosine"
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(training={"learnig_rate": 1e-4}))
+    assert "training.learnig_rate" in str(err.value)
+    assert "unknown key" in str(err.value)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(lora={"r": 0}, training={"batch_size": "eight"}, bogus={}))
+    msg = str(err.value)
+    for key in ("lora.r", "training.batch_size", "bogus"):
+        assert key in msg
+
+
+def test_missing_required_section_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        parse_config({"run": {"output_uri": "/tmp"}})
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"learnig_rate": {"values": [1e-4]}}, "unknown search key"),
+    ({"learning_rate": {"values": [1e-4], "choice": [1e-3]}}, "exactly one"),
+    ({"learning_rate": {"loguniform": [1e-3, 1e-4]}}, "low must be below high"),
+    ({"learning_rate": {"loguniform": [0, 1e-4]}}, "low must be > 0"),
+])
+def test_bad_search_space(space: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as err:
+        parse_config(_with(tune={"search_space": space}))
+    assert "tune.search_space" in str(err.value)
+
+
+def test_serve_scaling_modes_exclude_each_other() -> None:
+    with pytest.raises(ConfigError, match="serve"):
+        parse_config(_with(serve={"num_replicas": 2, "autoscaling": {"max_replicas": 3}}))
+    with pytest.raises(ConfigError, match="max_replicas must be >= min_replicas"):
+        parse_config(_with(serve={"autoscaling": {"min_replicas": 3, "max_replicas": 2}}))
+
+
+def test_env_expansion_and_missing_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("run: {output_uri: '${OUT_URI}'}\ndata: {input_uris: ['${IN_URI:-/data}']}\n")
+    monkeypatch.setenv("OUT_URI", "s3://b/o")
+    cfg = load_config(f)
+    assert (cfg.run.output_uri, cfg.data.input_uris) == ("s3://b/o", ["/data"])
+    monkeypatch.delenv("OUT_URI")
+    with pytest.raises(ConfigError, match="OUT_URI"):
+        load_config(f)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_revalidated() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.with_overrides({"lora.r": 4}).lora.r == 4
+    with pytest.raises(ConfigError, match="lora.r"):
+        cfg.with_overrides({"lora.r": -1})
+
+
+def test_secrets_never_in_config() -> None:
+    with pytest.raises(ConfigError, match="storage.aws_secret_access_key"):
+        parse_config(_with(storage={"aws_secret_access_key": "x"}))
