@@ -179,8 +179,9 @@ class MergeConfig(_Strict):
     verify_prompts: int = Field(8, ge=1, description="Eval prompts the merged model is checked on.")
     verify_max_new_tokens: int = Field(32, ge=1)
     verify_min_match: float = Field(
-        0.9, ge=0.0, le=1.0,
-        description="Share of prompts whose greedy output must equal the unmerged model's.")
+        0.85, ge=0.0, le=1.0,
+        description="Share of prompts whose greedy output must equal the unmerged model's; rounding the "
+                    "merged weights to 16 bits may flip a near-tie token, a wrong merge flips most.")
 
 
 class EvalConfig(_Strict):

@@ -31,12 +31,14 @@ def connect_ray(cfg: PipelineConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Trials and replicas inherit this; it keeps tokenizers from spawning threads per worker.
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
+        # A job's runtime env (jobs/runtime_env.yaml) already applies; passing
+        # another here would replace it, working_dir included.
+        ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False)
+        # Local workers inherit this process's environment (S3 settings included).
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     log.info("ray: %s", ray.cluster_resources())
 
 
