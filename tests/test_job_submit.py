@@ -36,6 +36,8 @@ def head(local_s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]: 
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # The job's `python` must be this environment's, as on a cluster image with the package installed.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     temp = tmp_path_factory.mktemp("ray-head")
     gcs, dash = free_port(), free_port()
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
