@@ -64,9 +64,13 @@ def local_s3() -> Iterator["object"]:
             os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(local_s3: object) -> Iterator[None]:
-    """A local Ray started after the S3 env is set, so its workers see the store."""
+    """A local Ray started after the S3 env is set, so its workers see the store.
+
+    Module-scoped: it is down before test_job_submit starts (and `ray stop`s)
+    its own cluster, which would otherwise take this driver's raylet with it.
+    """
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False,

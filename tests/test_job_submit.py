@@ -88,10 +88,14 @@ def test_pipeline_as_a_job(head: dict, local_s3, tiny_model_dir: Path, tmp_path:
     cfg = load_config(cfg_path)
     upload_sample("s3://job-bucket/raw", cfg.storage)
 
-    r = subprocess.run([RAY, "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
-                        "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
-                        "python", "-m", "ray_qlora.cli", "run", str(cfg_path), "--no-wait"],
-                       env=head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    submit = [RAY, "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
+              "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
+              "python", "-m", "ray_qlora.cli", "run", str(cfg_path), "--no-wait"]
+    for _ in range(30):  # the job agent may come up after the jobs API answers
+        r = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+        if "No available agent" not in r.stderr:
+            break
+        time.sleep(2)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "succeeded" in r.stdout
 
