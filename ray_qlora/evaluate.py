@@ -8,7 +8,6 @@ Writes report.json and a bar chart, and returns the table it prints.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -111,11 +110,7 @@ def _plot(report: dict[str, Any], png_uri: str, cfg: PipelineConfig) -> None:
     ax.set_ylim(0, 118)
     ax.set_title(f"base vs tuned (eval loss {report['base']['eval_loss']:.3f} -> {report['tuned']['eval_loss']:.3f})")
     ax.legend(loc="upper center", ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(png_uri, buf.getvalue(), cfg.storage)
+    storage.write_figure(fig, png_uri, cfg.storage)
 
 
 def evaluate(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:

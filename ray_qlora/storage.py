@@ -33,6 +33,7 @@ __all__ = [
     "read_json",
     "resolve",
     "write_bytes",
+    "write_figure",
     "write_json",
 ]
 
@@ -97,6 +98,19 @@ def read_json(uri: str, cfg: StorageConfig) -> Any:
 
 def write_json(uri: str, obj: Any, cfg: StorageConfig) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), cfg)
+
+
+def write_figure(fig: Any, uri: str, cfg: StorageConfig) -> None:
+    """Save a matplotlib figure as PNG to a URI, and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(uri, buf.getvalue(), cfg)
 
 
 def list_files(uri: str, cfg: StorageConfig, suffixes: tuple[str, ...] = ()) -> list[str]:

@@ -86,8 +86,6 @@ def _max_reports(results: "ResultGrid") -> int:
 
 
 def _plot_curves(board: list[dict[str, Any]], png_uri: str, cfg: PipelineConfig) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,11 +100,7 @@ def _plot_curves(board: list[dict[str, Any]], png_uri: str, cfg: PipelineConfig)
     ax.set_ylabel("eval loss")
     ax.set_title("Tune trials: eval loss")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(png_uri, buf.getvalue(), cfg.storage)
+    storage.write_figure(fig, png_uri, cfg.storage)
 
 
 def tune(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
