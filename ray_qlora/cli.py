@@ -12,14 +12,15 @@ import sys
 import time
 from typing import Callable
 
-from ray_qlora.config import ConfigError, PipelineConfig, load_config
+from ray_qlora.config import PipelineConfig, load_config
+from ray_qlora.errors import UserError
 
 __all__ = ["VERBS", "main"]
 
 
 def _validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     space = ", ".join(cfg.tune.search_space) or "none"
-    print(f"config OK: data from {len(cfg.data.input_uris)} URI(s), base {cfg.model.base}, "
+    print(f"config OK: data from {len(cfg.data.all_sources())} source(s), base {cfg.model.base}, "
           f"search over {space}, runs under {cfg.run.output_uri}")
     return 0
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config)
         return VERBS[args.verb][1](cfg, args)
-    except ConfigError as err:
+    except UserError as err:  # the user's to fix: the message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

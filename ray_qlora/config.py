@@ -15,6 +15,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_qlora.errors import UserError
+
 __all__ = [
     "ConfigError",
     "PipelineConfig",
@@ -23,8 +25,11 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message lists every key to fix."""
+
+
+FormatName = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 
 
 class _Strict(BaseModel):
@@ -58,18 +63,70 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (ignored when joining a cluster).")
 
 
+class SourceConfig(_Strict):
+    """One input: a file, a folder or a glob, local or s3://, with a mixing weight."""
+
+    uri: str = Field(description="File, folder or glob (s3://bucket/raw/*.jsonl.gz) of instruction data.")
+    weight: float = Field(
+        1.0, gt=0.0,
+        description="How often this source's train examples are used: 2.0 twice each, 0.5 a seeded half.")
+    format: FormatName | None = Field(None, description="Row format of this source; data.format when unset.")
+
+
+class DedupConfig(_Strict):
+    exact: bool = Field(True, description="Drop conversations equal after normalising case and whitespace.")
+    near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH (datasketch).")
+    near_threshold: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Estimated Jaccard similarity of word 3-grams above which rows are near-duplicates; "
+                    "high by default so templated rows that differ in their facts are kept.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (precision vs speed).")
+    shingle_size: int = Field(3, ge=1, le=16, description="Words per shingle.")
+
+
 class DataConfig(_Strict):
     input_uris: list[str] = Field(
-        min_length=1, description="Files or folders of .jsonl/.json/.parquet instruction data.")
-    format: Literal["auto", "alpaca", "messages", "prompt_completion"] = Field(
-        "auto", description="Row format; 'auto' detects it per row.")
+        default_factory=list, description="Files, folders or globs of .jsonl/.json/.parquet (optionally .gz/.zst).")
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Inputs with per-source mixing weight and format; adds to input_uris.")
+    format: FormatName = Field("auto", description="Row format; 'auto' detects it per row.")
+    allow_text: bool = Field(
+        False, description="Accept plain {'text': ...} rows (continued pre-training, every token labelled); "
+                           "otherwise they are quarantined.")
+    chat_template: str | None = Field(
+        None, description="'chatml', 'llama-3', or a Jinja template; replaces the tokenizer's own, and is "
+                          "required when the tokenizer has none.")
     system_prompt: str | None = Field(
         None, description="System message added to rows that have none.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of rows held out for eval.")
-    max_seq_length: int = Field(512, ge=8, description="Token limit per example.")
+    max_seq_length: int = Field(512, ge=8, description="Token limit per example (and per packed row).")
     length_policy: Literal["quarantine", "truncate"] = Field(
         "quarantine", description="What to do with an example over max_seq_length.")
-    dedup: bool = Field(True, description="Drop exact duplicate conversations (they go to quarantine).")
+    dedup: DedupConfig = DedupConfig()
+    packing: bool = Field(
+        False, description="Pack train examples into rows of max_seq_length (best-fit); attention stays "
+                           "within each example.")
+    num_actors: int | Literal["auto"] = Field(
+        "auto", description="Row-processing actors (one tokenizer each); 'auto' scales from 1 to the "
+                            "cluster's CPUs.")
+    batch_size: int = Field(512, ge=1, description="Rows per Ray Data batch in row processing.")
+    cache: bool = Field(True, description="Reuse an earlier prepare of the same inputs and settings.")
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _dedup_bool(cls, v: Any) -> Any:
+        # `dedup: false` (the first config format) switches both kinds off
+        return {"exact": v, "near": v} if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _some_input(self) -> "DataConfig":
+        if not self.input_uris and not self.sources:
+            raise ValueError("give data.input_uris or data.sources (at least one input)")
+        return self
+
+    def all_sources(self) -> list[SourceConfig]:
+        """input_uris and sources as one list of sources, in config order."""
+        return [SourceConfig(uri=u) for u in self.input_uris] + list(self.sources)
 
 
 class QuantizationConfig(_Strict):

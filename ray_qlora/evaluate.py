@@ -75,7 +75,7 @@ def _score(name: str, model_path: Any, cfg: PipelineConfig, run: storage.RunPath
     from ray_qlora.modeling import load_16bit, load_tokenizer
 
     log.info("evaluate: scoring %s on %d prompts", name, len(prompts))
-    model, tok = load_16bit(model_path, dtype, device), load_tokenizer(model_path)
+    model, tok = load_16bit(model_path, dtype, device), load_tokenizer(model_path, cfg.data.chat_template)
     outs = generate(model, tok, [p for p, _ in prompts], cfg.eval.max_new_tokens, cfg.eval.batch_size)
     preds = [o["text"] for o in outs]
     metrics = {"eval_loss": _eval_loss(model, cfg, run, cfg.eval.batch_size),

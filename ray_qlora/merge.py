@@ -42,7 +42,7 @@ def merge(cfg: PipelineConfig, run: storage.RunPaths, adapter_uri: str) -> dict[
 
     device = pick_device()
     base_path = resolve_base(cfg.model, cfg.storage)
-    tok = load_tokenizer(base_path)
+    tok = load_tokenizer(base_path, cfg.data.chat_template)
     adapter = storage.copy_dir_from(adapter_uri, None, cfg.storage)
     run_dtype = inference_dtype(cfg.merge.dtype, device)
 

@@ -137,14 +137,23 @@ def resolve_base(model: ModelConfig, storage: StorageConfig) -> Path:
         "a local folder, an s3:// folder or a hub id")
 
 
-def load_tokenizer(path: Path | str) -> "PreTrainedTokenizerBase":
+def load_tokenizer(path: Path | str, chat_template: str | None = None) -> "PreTrainedTokenizerBase":
+    """The tokenizer at ``path`` with ``data.chat_template`` applied (see data/templating.py).
+
+    A saved merged model carries the template it was trained with, so callers
+    loading one pass None.
+    """
     from transformers import AutoTokenizer
+
+    from ray_qlora.data.templating import set_chat_template
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        raise ValueError(f"the tokenizer at {path} has no chat template; pick an instruct/chat base model")
+    try:
+        set_chat_template(tok, chat_template)
+    except ValueError as err:
+        raise ValueError(f"tokenizer at {path}: {err}") from None
     return tok
 
 
@@ -172,8 +181,26 @@ def load_4bit_base(path: Path | str, quant: QuantizationConfig, device: str) -> 
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute,
     )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=bnb, dtype=compute, device_map={"": device})
+    if device == "cpu":
+        _keep_trainable_layout(model)
+    return model
+
+
+def _keep_trainable_layout(model: "PreTrainedModel") -> None:
+    """Stop bitsandbytes from repacking 4-bit layers for its AVX512-BF16 CPU kernel.
+
+    On such CPUs a layer run in eval mode without grad (an in-training
+    evaluation) is repacked once into a layout whose kernel has no backward;
+    later training steps then get no gradient through the frozen base, with
+    only a warning. Training needs the standard layout throughout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model: "PreTrainedModel", lora: LoraConfig, gradient_checkpointing: bool) -> "PreTrainedModel":

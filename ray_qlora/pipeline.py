@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ray_qlora import storage
 from ray_qlora.config import PipelineConfig
+from ray_qlora.errors import StageOrderError
 
 __all__ = ["STAGES", "Run", "connect_ray", "run_pipeline", "run_stage"]
 
@@ -37,7 +38,8 @@ def connect_ray(cfg: PipelineConfig) -> None:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
         # Local workers inherit this process's environment (S3 settings included).
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+        # address="local": a fresh local Ray, never a stale record of an earlier cluster.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     log.info("ray: %s", ray.cluster_resources())
 
@@ -65,7 +67,7 @@ class Run:
         """A finished stage's result, or an error saying which verb to run first."""
         entry = self.record()["stages"].get(stage)
         if not entry or entry.get("status") != "succeeded":
-            raise RuntimeError(f"run {self.run_id}: stage '{stage}' has not succeeded yet; "
+            raise StageOrderError(f"run {self.run_id}: stage '{stage}' has not succeeded yet; "
                                f"run `ray-qlora {stage}` for this run first")
         return entry["result"]
 

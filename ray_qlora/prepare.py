@@ -1,35 +1,49 @@
 """Stage 1, prepare: raw instruction files -> tokenized train/eval shards (Ray Data).
 
-read (JSONL as text lines, so one bad line cannot sink the file; Parquet as
-rows) -> parse + normalise + validate + template/tokenize/mask (one actor
-pass, one tokenizer per actor) -> exact dedup -> deterministic split ->
-Parquet shards + quarantine + manifest in the run folder.
+discover files (data/sources.py; every file read or listed with why not)
+-> read each file into raw rows (one Ray task per file, streamed)
+-> parse + normalise + validate + template/tokenize/mask + dedup keys
+   (an autoscaling pool of actors, one tokenizer each)
+-> pre-flight checks (data/checks.py): a failure stops the stage
+-> duplicates (data/dedup.py): keys counted by Ray Data, groups resolved
+-> buckets: train / eval (seeded hash of the content) / quarantine / duplicate
+-> mixing weights on train, packing (data/packing.py), Parquet shards,
+   quarantine and duplicates with reasons, manifest.json.
 
-Nothing is dropped silently: every row ends in train, eval or quarantine
-(with a reason), and the manifest's counts add up to the rows read.
+Nothing is dropped silently: every row read ends in exactly one bucket, the
+manifest reconciles ``read = train + eval + quarantine + duplicates`` per file
+and in total, and the stage fails if it does not. Statistics come from Ray
+Data aggregations; the driver holds file lists, counts and the rows that
+collide on a dedup key, never the dataset. A fingerprint of the inputs and
+the data/tokenizer settings lets a re-run reuse an earlier result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ray_qlora import storage
-from ray_qlora.config import PipelineConfig
+from ray_qlora.config import PipelineConfig, StorageConfig
+from ray_qlora.data import checks, dedup, sources
 from ray_qlora.data.formats import RowError, normalize_row
-from ray_qlora.data.templating import tokenize_conversation
+from ray_qlora.data.templating import end_of_turn_id, tokenize_conversation
+from ray_qlora.errors import DataError
 
 if TYPE_CHECKING:
-    import pandas as pd
+    import pyarrow as pa
     import ray.data
 
-__all__ = ["assign_split", "content_hash", "prepare"]
+__all__ = ["BUCKETS", "assign_split", "content_hash", "prepare"]
 
 log = logging.getLogger(__name__)
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+BUCKETS = ("train", "eval", "quarantine", "duplicate")
+# Bump when the stage's output changes for the same inputs, so caches are not reused across it.
+PREPARE_VERSION = 2
 
 
 def content_hash(messages: list[dict[str, str]]) -> str:
@@ -38,108 +52,317 @@ def content_hash(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def _unit(*parts: object) -> float:
+    """A number in [0, 1) from a seeded hash: the same inputs give the same number everywhere."""
+    h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
 def assign_split(chash: str, seed: int, eval_fraction: float) -> str:
     """'train' or 'eval' from the content hash and seed alone.
 
     Independent of file order and of how Ray partitions blocks, so a re-run
-    gives the same split, and duplicates cannot straddle train and eval.
+    gives the same split.
     """
-    h = hashlib.sha256(f"{seed}:{chash}".encode()).digest()
-    return "eval" if int.from_bytes(h[:8], "big") / 2**64 < eval_fraction else "train"
+    return "eval" if _unit(seed, chash) < eval_fraction else "train"
+
+
+def repeats_for(weight: float, chash: str, seed: int) -> int:
+    """Times a train example is used under its source's mixing weight: floor(w), plus one with
+    probability frac(w) (seeded by its content), so a source contributes w x its examples on average."""
+    whole = int(weight)
+    return whole + (1 if _unit(seed, "mix", chash) < weight - whole else 0)
+
+
+def _processed_schema() -> "pa.Schema":
+    import pyarrow as pa
+
+    return pa.schema([
+        ("uid", pa.string()), ("path", pa.string()), ("source", pa.int32()), ("line", pa.int64()),
+        ("record", pa.string()), ("raw", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+        ("messages", pa.string()), ("content_hash", pa.string()), ("dedup_keys", pa.list_(pa.string())),
+        ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()), ("num_label_tokens", pa.int32()), ("check_failures", pa.list_(pa.string())),
+        ("check_failed", pa.bool_()),
+    ])
 
 
 class _RowProcessor:
-    """Ray Data UDF: raw JSON text -> a tokenized row, or a quarantine row with a reason."""
+    """Ray Data actor: raw rows -> tokenized rows, or quarantine rows with a reason."""
 
     def __init__(self, cfg_json: str) -> None:
         from ray_qlora.config import parse_config
         from ray_qlora.modeling import load_tokenizer, resolve_base
 
         self.cfg = parse_config(json.loads(cfg_json))
-        self.tok = load_tokenizer(resolve_base(self.cfg.model, self.cfg.storage))
+        d = self.cfg.data
+        self.tok = load_tokenizer(resolve_base(self.cfg.model, self.cfg.storage), d.chat_template)
+        self.eot = end_of_turn_id(self.tok)
+        self.formats = [s.format or d.format for s in d.all_sources()]
+        self.schema = _processed_schema()
 
-    def _one(self, raw: str) -> dict[str, Any]:
+    def _tokenized(self, raw: str, source: int) -> dict[str, Any]:
         d = self.cfg.data
         try:
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise RowError(f"invalid JSON: {err.msg} at char {err.pos}") from None
-            msgs = normalize_row(row, d.format, d.system_prompt)
-            tokens = tokenize_conversation(self.tok, msgs, d.max_seq_length, d.length_policy)
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise RowError(f"invalid JSON: {err.msg} at char {err.pos}") from None
+        msgs = normalize_row(row, self.formats[source], d.system_prompt, d.allow_text)
+        out = tokenize_conversation(self.tok, msgs, d.max_seq_length, d.length_policy, self.eot)
+        return {**out, "status": "ok", "messages": json.dumps(msgs, ensure_ascii=False),
+                "content_hash": content_hash(msgs), "dedup_keys": dedup.dedup_keys(msgs, d.dedup)}
+
+    def _one(self, record: str, raw: str, reason: str, source: int) -> dict[str, Any]:
+        empty = {"status": "quarantine", "reason": reason, "messages": "", "content_hash": "", "dedup_keys": [],
+                 "input_ids": [], "labels": [], "num_tokens": 0, "num_label_tokens": 0, "check_failures": []}
+        if record == "file":  # a file's status record travels through untouched
+            return {**empty, "status": "file"}
+        if reason:  # the reader already rejected it (not UTF-8)
+            return empty
+        try:
+            return {**self._tokenized(raw, source), "reason": ""}
         except RowError as err:
-            return {"ok": False, "reason": str(err), "messages": "", "content_hash": "",
-                    "split": "", "input_ids": [], "labels": [], "num_tokens": 0, "num_label_tokens": 0}
-        chash = content_hash(msgs)
-        return {"ok": True, "reason": "", "messages": json.dumps(msgs, ensure_ascii=False),
-                "content_hash": chash, "split": assign_split(chash, self.cfg.run.seed, d.eval_fraction),
-                **tokens}
+            return {**empty, "reason": str(err)}
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        rows = [self._one(r) for r in batch["raw"]]
-        out: dict[str, list[Any]] = {k: [r[k] for r in rows] for k in rows[0]}
-        out["raw"], out["path"] = list(batch["raw"]), list(batch["path"])
-        return out
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        import pyarrow as pa
 
-
-def _read_raw(files: list[str], cfg: PipelineConfig) -> "ray.data.Dataset":
-    """All input files as one dataset of {raw: JSON text of one row, path: source file}."""
-    import ray.data
-
-    fs, _ = storage.resolve(files[0], cfg.storage)
-    paths = [storage.resolve(f, cfg.storage)[1] for f in files]
-    parts = []
-    jsonl = [p for p in paths if p.endswith((".jsonl", ".json"))]
-    if jsonl:
-        lines = ray.data.read_text(jsonl, filesystem=fs, include_paths=True, drop_empty_lines=True)
-        parts.append(lines.map_batches(
-            lambda b: {"raw": list(b["text"]), "path": list(b["path"])}, batch_format="numpy"))
-    parquet = [p for p in paths if p.endswith(".parquet")]
-    if parquet:
-        tables = ray.data.read_parquet(parquet, filesystem=fs, include_paths=True)
-        # to_pylist gives plain Python objects (nested lists of dicts), which json can dump.
-        parts.append(tables.map_batches(
-            lambda t: {"raw": [json.dumps({k: v for k, v in r.items() if k != "path"}, default=str)
-                               for r in t.to_pylist()],
-                       "path": t.column("path").to_pylist()},
-            batch_format="pyarrow"))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        cols = batch.to_pydict()
+        rows = [self._one(*args) for args in zip(cols["record"], cols["raw"], cols["reason"], cols["source"])]
+        out = {name: cols[name] for name in sources.RAW_COLUMNS if name != "reason"}
+        out["check_failed"] = [bool(r["check_failures"]) for r in rows]
+        for name in self.schema.names:
+            if name not in out:
+                out[name] = [r[name] for r in rows]
+        return pa.Table.from_pydict(out, schema=self.schema)
 
 
-def _mark_duplicates(group: "pd.DataFrame") -> "pd.DataFrame":
-    """One content-hash group: keep the first row (by source), quarantine the rest."""
-    group = group.sort_values(["path", "raw"], kind="stable").reset_index(drop=True)
-    if len(group) > 1:
-        first = group.loc[0, "path"]
-        group.loc[1:, "ok"] = False
-        group.loc[1:, "reason"] = f"duplicate of a conversation in {first}"
-    return group
+def _read_files(batch: dict[str, Any], files: list[dict[str, Any]], storage_json: str) -> Iterator["pa.Table"]:
+    """Ray Data UDF over a batch of file indices: every raw row of those files, streamed."""
+    import pyarrow as pa
+
+    cfg = StorageConfig.model_validate_json(storage_json)
+    schema = pa.schema([("uid", pa.string()), ("path", pa.string()), ("source", pa.int32()), ("line", pa.int64()),
+                        ("record", pa.string()), ("raw", pa.string()), ("reason", pa.string())])
+    for index in batch["index"]:
+        f = sources.InputFile(**files[int(index)])
+        for cols in sources.read_file(f, cfg):
+            yield pa.Table.from_pydict(cols, schema=schema)
 
 
-def _length_stats(ds: "ray.data.Dataset") -> dict[str, float]:
-    import numpy as np
+def _actor_pool(cfg: PipelineConfig) -> int | tuple[int, int]:
+    """'auto': an autoscaling pool from 1 actor to one per CPU of the cluster."""
+    import ray
 
-    lengths = ds.select_columns(["num_tokens"]).to_pandas()["num_tokens"].to_numpy()
-    if len(lengths) == 0:
+    if cfg.data.num_actors != "auto":
+        return int(cfg.data.num_actors)
+    return (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
+
+
+@contextlib.contextmanager
+def _stage_data_context() -> Iterator[None]:
+    """Datasets built inside use sort-based shuffle for their aggregations; the process's default is untouched.
+
+    A Dataset copies the current DataContext when it is created, so setting a
+    copy current for the duration of the stage scopes the change to the
+    stage's datasets. Why sort shuffle: the default hash shuffle starts
+    aggregator actors that reserve CPUs; on a 2-CPU cluster they starved the
+    tasks feeding them.
+    """
+    import copy
+
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    previous = DataContext.get_current()
+    scoped = copy.deepcopy(previous)
+    scoped.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    DataContext._set_current(scoped)
+    try:
+        yield
+    finally:
+        DataContext._set_current(previous)
+
+
+def _reason_key(reason: str) -> str:
+    """The kind of a reason, for counting: 'too long: 812 tokens > ...' -> 'too long'."""
+    for kind in ("exact duplicate", "near-duplicate", "unrecognised row format"):
+        if reason.startswith(kind):
+            return kind
+    return reason.split(":")[0]
+
+
+def _bucket_batch(batch: "pa.Table", duplicates: dict[str, dedup.Duplicate], seed: int, eval_fraction: float,
+                  weights: list[float]) -> "pa.Table":
+    """Add bucket, reason_key, kept_uid and repeats columns: where each row ends up and why."""
+    import pyarrow as pa
+
+    cols = batch.select(["uid", "record", "status", "reason", "content_hash", "source"]).to_pydict()
+    bucket, reasons, kept, repeats = [], [], [], []
+    for uid, record, status, reason, chash, source in zip(*cols.values()):
+        dup = duplicates.get(uid)
+        if record == "file":
+            b = "file"
+        elif status == "quarantine":
+            b = "quarantine"
+        elif dup is not None:
+            b, reason = "duplicate", dup[1]
+        else:
+            b = assign_split(chash, seed, eval_fraction)
+        bucket.append(b)
+        reasons.append(reason)
+        kept.append(dup[0] if dup else "")
+        repeats.append(repeats_for(weights[source], chash, seed) if b == "train" else 0)
+    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+    return (batch.append_column("bucket", pa.array(bucket, pa.string()))
+            .append_column("reason_key", pa.array([_reason_key(r) for r in reasons], pa.string()))
+            .append_column("kept_uid", pa.array(kept, pa.string()))
+            .append_column("repeats", pa.array(repeats, pa.int32())))
+
+
+def _find_duplicates(processed: "ray.data.Dataset", cfg: PipelineConfig) -> dict[str, dedup.Duplicate]:
+    """Rows sharing a dedup key, resolved into {dropped uid: (kept uid, reason)}."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ray.data.expressions import col
+
+    d = cfg.data.dedup
+    if not (d.exact or d.near):
         return {}
-    return {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 2),
-            "p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
-            "max": int(lengths.max())}
+    ok = processed.filter(expr=col("status") == "ok").select_columns(["uid", "dedup_keys"])
+
+    def explode(t: pa.Table) -> pa.Table:
+        keys = t.column("dedup_keys")
+        return pa.table({"key": pc.list_flatten(keys), "uid": pc.take(t.column("uid"), pc.list_parent_indices(keys))})
+
+    keyed = ok.map_batches(explode, batch_format="pyarrow").materialize()
+    counts = keyed.groupby("key").count()
+    shared = {r["key"] for r in counts.filter(expr=col("count()") > 1).select_columns(["key"]).take_all()}
+    if not shared:
+        return {}
+    hits = keyed.filter(expr=col("key").is_in(list(shared))).take_all()
+    groups: dict[str, list[str]] = {}
+    for r in hits:
+        groups.setdefault(r["key"], []).append(r["uid"])
+    uids = sorted({u for g in groups.values() for u in g})
+    rows = {r["uid"]: (f"{r['path']} line {r['line']}", json.loads(r["messages"]))
+            for r in processed.filter(expr=col("uid").is_in(uids))
+            .select_columns(["uid", "path", "line", "messages"]).take_all()}
+    return dedup.resolve(groups.values(), rows, d)
 
 
-def _input_hash(files: list[str], cfg: PipelineConfig) -> str:
-    """sha256 over (name, bytes) of every input file: the data lineage of the run.
+def _count_by(ds: "ray.data.Dataset", keys: list[str]) -> list[dict[str, Any]]:
+    """Row counts per value of ``keys`` (a Ray Data aggregation); [] for an empty dataset."""
+    if ds.count() == 0:
+        return []
+    return ds.groupby(keys).count().take_all()
+
+
+def _length_stats(hist: list[dict[str, Any]]) -> dict[str, float]:
+    """min/mean/p50/p95/max from a histogram of exact token lengths."""
+    pairs = sorted((int(h["num_tokens"]), int(h["count()"])) for h in hist)
+    total = sum(c for _, c in pairs)
+    if not total:
+        return {}
+
+    def pct(q: float) -> float:
+        seen = 0
+        for n, c in pairs:
+            seen += c
+            if seen >= q * total:
+                return float(n)
+        return float(pairs[-1][0])
+
+    return {"min": pairs[0][0], "mean": round(sum(n * c for n, c in pairs) / total, 2),
+            "p50": pct(0.5), "p95": pct(0.95), "max": pairs[-1][0]}
+
+
+def _reconcile(files: list[sources.InputFile], status: list[dict[str, Any]],
+               counts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Per-file and total counts; raises if any row read is not in exactly one bucket."""
+    per_file: dict[str, dict[str, int]] = {}
+    for c in counts:
+        per_file.setdefault(c["path"], {}).setdefault(c["bucket"], 0)
+        per_file[c["path"]][c["bucket"]] += int(c["count()"])
+    read = {s["path"]: (int(s["line"]), s["reason"]) for s in status}
+    entries, total = [], {"read": 0, **{b: 0 for b in BUCKETS}}
+    for f in files:
+        entry: dict[str, Any] = {"uri": f.uri, "source": f.source, "size": f.size}
+        if f.skip:
+            entries.append({**entry, "status": "skipped", "reason": f.skip})
+            continue
+        n_read, problem = read.get(f.uri, (0, "no status came back from the reader"))
+        got = {b: per_file.get(f.uri, {}).get(b, 0) for b in BUCKETS}
+        if sum(got.values()) != n_read:
+            raise RuntimeError(f"prepare: {f.uri}: {n_read} rows read but {sum(got.values())} placed ({got}); "
+                               "rows went missing, this is a bug")
+        entries.append({**entry, "status": "error" if problem else "read", "reason": problem or None,
+                        "read": n_read, **got})
+        total["read"] += n_read
+        for b in BUCKETS:
+            total[b] += got[b]
+    if total["read"] != sum(total[b] for b in BUCKETS):
+        raise RuntimeError(f"prepare: totals do not reconcile: {total}")
+    return entries, total
+
+
+def _fingerprint(cfg: PipelineConfig, files: list[sources.InputFile], base: Any) -> str:
+    """What decides prepare's output: the files (name, size, mtime), data settings, seed, tokenizer."""
+    from pathlib import Path
+
+    data = cfg.data.model_dump(mode="json", exclude={"num_actors", "batch_size", "cache"})
+    tok_files = sorted(p for p in Path(base).glob("*token*") if p.is_file()) if Path(base).is_dir() else []
+    tok_hash = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in tok_files)).hexdigest()
+    blob = json.dumps({"version": PREPARE_VERSION, "data": data, "seed": cfg.run.seed, "tokenizer": tok_hash,
+                       "base": cfg.model.base, "files": [(f.uri, f.size, f.mtime, f.source) for f in files]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _input_hash(files: list[sources.InputFile], cfg: PipelineConfig) -> str:
+    """sha256 over (name, bytes) of every file read: the data lineage of the run.
 
     Streamed in 8 MiB chunks so a large input never sits in driver memory.
     """
     h = hashlib.sha256()
     for f in files:
-        h.update(f.encode())
-        fs, path = storage.resolve(f, cfg.storage)
-        with fs.open_input_stream(path) as stream:
+        h.update(f.uri.encode())
+        fs, path = storage.resolve(f.uri, cfg.storage)
+        with contextlib.suppress(OSError), fs.open_input_stream(path) as stream:  # unreadable: listed already
             while chunk := stream.read(8 << 20):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _cache_index(cfg: PipelineConfig, fingerprint: str) -> str:
+    return storage.join(cfg.run.output_uri, "prepared", f"{fingerprint}.json")
+
+
+def _reuse(cfg: PipelineConfig, run: storage.RunPaths, fingerprint: str) -> dict[str, Any] | None:
+    """An earlier prepare's manifest for the same fingerprint, its outputs copied into this run if needed."""
+    index_uri = _cache_index(cfg, fingerprint)
+    if not cfg.data.cache or not storage.exists(index_uri, cfg.storage):
+        return None
+    earlier = storage.RunPaths(storage.read_json(index_uri, cfg.storage)["run_root"])
+    if not storage.exists(earlier.manifest, cfg.storage):
+        return None
+    manifest = storage.read_json(earlier.manifest, cfg.storage)
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    if earlier.root != run.root:
+        for part in ("train", "eval", "quarantine", "duplicates"):
+            src = storage.join(earlier.root, "data", part)
+            if storage.exists(src, cfg.storage):
+                storage.copy_tree(src, storage.join(run.root, "data", part), cfg.storage)
+    manifest = {**manifest, "cache_hit": True, "cached_from": earlier.root,
+                "uris": _uris(run)}
+    storage.write_json(run.manifest, manifest, cfg.storage)
+    return manifest
+
+
+def _uris(run: storage.RunPaths) -> dict[str, str]:
+    return {"train": run.train, "eval": run.eval, "quarantine": run.quarantine,
+            "duplicates": storage.join(run.root, "data", "duplicates")}
 
 
 def _write(ds: "ray.data.Dataset", columns: list[str], uri: str, cfg: PipelineConfig) -> None:
@@ -147,70 +370,151 @@ def _write(ds: "ray.data.Dataset", columns: list[str], uri: str, cfg: PipelineCo
     ds.select_columns(columns).write_parquet(path, filesystem=fs)
 
 
-def _use_task_shuffle() -> None:
-    """Dedup's groupby through task-based sort shuffle.
+def _expand_repeats(t: "pa.Table") -> "pa.Table":
+    import pyarrow as pa
 
-    The default hash shuffle starts aggregator actors that reserve CPUs; on a
-    2-CPU local cluster they starved the filter tasks feeding them, and one
-    aborted at teardown. Must run before the datasets are built.
-    """
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
+    reps = t.column("repeats").to_pylist()
+    return t.take(pa.array([i for i, r in enumerate(reps) for _ in range(r)], pa.int64()))
 
-    DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+def _pack(t: "pa.Table", capacity: int) -> "pa.Table":
+    import pyarrow as pa
+
+    from ray_qlora.data.packing import pack_examples
+
+    packed = pack_examples(t.column("input_ids").to_pylist(), t.column("labels").to_pylist(), capacity)
+    return pa.table(packed)
+
+
+def _write_train(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
+    """Train rows, weighted by their source, packed when configured; returns the row statistics."""
+    from ray.data.expressions import col
+
+    train = final.filter(expr=col("repeats") > 0).map_batches(_expand_repeats, batch_format="pyarrow")
+    max_len = cfg.data.max_seq_length
+    if cfg.data.packing:
+        train = train.map_batches(_pack, fn_kwargs={"capacity": max_len}, batch_size=4096,
+                                  batch_format="pyarrow").materialize()
+        cols = ["input_ids", "labels", "seq_lengths", "num_tokens", "num_label_tokens", "num_examples"]
+    else:
+        train = train.materialize()
+        cols = ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"]
+    rows = train.count()
+    tokens = int(train.sum("num_tokens") or 0) if rows else 0
+    if rows:
+        _write(train, cols, run.train, cfg)
+    return {"rows": rows, "tokens": tokens, "label_tokens": int(train.sum("num_label_tokens") or 0) if rows else 0,
+            "packed": cfg.data.packing,
+            "efficiency": round(tokens / (rows * max_len), 4) if rows and cfg.data.packing else None}
+
+
+def _discover(cfg: PipelineConfig) -> list[sources.InputFile]:
+    try:
+        files = sources.discover(cfg.data.all_sources(), cfg.storage)
+    except FileNotFoundError as err:
+        raise DataError(f"data: {err}") from None
+    if not any(f.skip is None for f in files):
+        listed = "; ".join(f"{f.uri}: {f.skip}" for f in files[:5])
+        raise DataError(f"data: no readable files under the configured sources ({listed})")
+    return files
 
 
 def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
     """Run the stage; returns the manifest (also written to the run folder)."""
+    from ray.data.expressions import col
+
     from ray_qlora.modeling import resolve_base
 
-    files = [f for uri in cfg.data.input_uris for f in storage.list_files(uri, cfg.storage, DATA_SUFFIXES)]
-    if not files:
-        raise FileNotFoundError(f"data.input_uris: no {'/'.join(DATA_SUFFIXES)} files under {cfg.data.input_uris}")
-    log.info("prepare: %d input file(s)", len(files))
-    resolve_base(cfg.model, cfg.storage)  # convert/download once here, not in every actor
-    _use_task_shuffle()
+    files = _discover(cfg)
+    readable = [f for f in files if f.skip is None]
+    log.info("prepare: %d file(s), %d readable", len(files), len(readable))
+    base = resolve_base(cfg.model, cfg.storage)  # convert/download once here, not in every actor
+    tok_checks = checks.tokenizer_checks(base, cfg)  # fails fast, before reading any data
+    fingerprint = _fingerprint(cfg, files, base)
+    cached = _reuse(cfg, run, fingerprint)
+    if cached is not None:
+        log.info("prepare: inputs and settings unchanged, reusing %s", cached["cached_from"])
+        return cached
 
-    processed = _read_raw(files, cfg).map_batches(
-        _RowProcessor, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
-        concurrency=1, batch_size=256, batch_format="numpy").materialize()
-    ok = processed.filter(lambda r: r["ok"])
-    if cfg.data.dedup:
-        ok = ok.groupby("content_hash").map_groups(_mark_duplicates, batch_format="pandas").materialize()
-    # Quarantine comes in two parts (rows rejected by the row pass, duplicates
-    # found by dedup), written side by side into one folder.
-    rejected = [processed.filter(lambda r: not r["ok"]).materialize(),
-                ok.filter(lambda r: not r["ok"]).materialize()]
-    train = ok.filter(lambda r: r["ok"] and r["split"] == "train").materialize()
-    evals = ok.filter(lambda r: r["ok"] and r["split"] == "eval").materialize()
-    counts = {"read": processed.count(), "train": train.count(), "eval": evals.count(),
-              "quarantine": sum(q.count() for q in rejected)}
-    if not counts["train"] or not counts["eval"]:
-        raise ValueError(f"prepare: {counts['train']} train / {counts['eval']} eval examples after quarantine; "
-                         "need both: add data or change data.eval_fraction")
+    with _stage_data_context():
+        processed = _process(readable, cfg)
+        row_checks = checks.row_checks(processed)
+        duplicates = _find_duplicates(processed, cfg)
+        weights = [s.weight for s in cfg.data.all_sources()]
+        final = processed.map_batches(
+            _bucket_batch, fn_kwargs={"duplicates": duplicates, "seed": cfg.run.seed,
+                                      "eval_fraction": cfg.data.eval_fraction, "weights": weights},
+            batch_format="pyarrow").materialize()
+        status = final.filter(expr=col("bucket") == "file").select_columns(["path", "line", "reason"]).take_all()
+        entries, counts = _reconcile(files, status, _count_by(final.filter(expr=col("bucket") != "file"),
+                                                              ["path", "bucket"]))
+        if not counts["train"] or not counts["eval"]:
+            raise DataError(
+                f"prepare: {counts['train']} train / {counts['eval']} eval examples from {counts['read']} rows "
+                f"({counts['quarantine']} quarantined, {counts['duplicate']} duplicates; see "
+                f"{run.quarantine}); need both: fix the data or change data.eval_fraction")
+        manifest = _write_outputs(final, cfg, run)
 
-    cols = ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash"]
-    _write(train, cols, run.train, cfg)
-    _write(evals, cols, run.eval, cfg)
-    for q in rejected:
-        if q.count():
-            _write(q, ["path", "raw", "reason"], run.quarantine, cfg)
-
-    reasons: dict[str, int] = {}
-    for reason in (x for q in rejected for x in q.select_columns(["reason"]).to_pandas()["reason"]):
-        key = reason.split(":")[0]  # group "too long: 812 tokens..." under "too long"
-        reasons[key] = reasons.get(key, 0) + 1
-    manifest = {
-        "input_files": files,
-        "input_hash": _input_hash(files, cfg),
-        "counts": counts,
-        "quarantine_reasons": reasons,
-        "token_lengths": {"train": _length_stats(train), "eval": _length_stats(evals)},
-        "label_tokens": {"train": int(train.sum("num_label_tokens"))},
-        "seed": cfg.run.seed,
-        "eval_fraction": cfg.data.eval_fraction,
-        "uris": {"train": run.train, "eval": run.eval, "quarantine": run.quarantine},
-    }
+    manifest.update({
+        "fingerprint": fingerprint, "cache_hit": False, "files": entries, "counts": counts,
+        "input_files": [f.uri for f in readable], "input_hash": _input_hash(readable, cfg),
+        "checks": {**tok_checks, **row_checks}, "seed": cfg.run.seed, "eval_fraction": cfg.data.eval_fraction,
+        "uris": _uris(run),
+    })
     storage.write_json(run.manifest, manifest, cfg.storage)
-    log.info("prepare: %s (quarantine reasons %s)", manifest["counts"], reasons)
+    if cfg.data.cache:
+        storage.write_json(_cache_index(cfg, fingerprint), {"run_root": run.root}, cfg.storage)
+    log.info("prepare: %s (quarantine reasons %s)", counts, manifest["quarantine_reasons"])
     return manifest
+
+
+def _process(readable: list[sources.InputFile], cfg: PipelineConfig) -> "ray.data.Dataset":
+    """Files -> raw rows (a task per file) -> processed rows (the actor pool), held by Ray."""
+    import ray.data
+
+    files = ray.data.from_items([{"index": f.index} for f in readable], override_num_blocks=len(readable))
+    raw = files.map_batches(_read_files, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"files": [f.to_dict() for f in readable],
+                                       "storage_json": cfg.storage.model_dump_json()})
+    return raw.map_batches(
+        _RowProcessor, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
+        concurrency=_actor_pool(cfg), batch_size=cfg.data.batch_size, batch_format="pyarrow").materialize()
+
+
+def _write_outputs(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
+    """Shards, quarantine and duplicates written; returns the statistics for the manifest."""
+    from ray.data.expressions import col
+
+    evals = final.filter(expr=col("bucket") == "eval").materialize()
+    _write(evals, ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"],
+           run.eval, cfg)
+    train_stats = _write_train(final, cfg, run)
+    rejected = final.filter(expr=col("bucket") == "quarantine").materialize()
+    if rejected.count():
+        _write(rejected, ["uid", "path", "line", "raw", "reason"], run.quarantine, cfg)
+    dups = final.filter(expr=col("bucket") == "duplicate").materialize()
+    if dups.count():
+        _write(dups, ["uid", "path", "line", "raw", "reason", "kept_uid"], _uris(run)["duplicates"], cfg)
+    examples = final.filter(expr=col("bucket").is_in(["train", "eval"]))
+    hist = {b: [h for h in _count_by(examples, ["bucket", "num_tokens"]) if h["bucket"] == b]
+            for b in ("train", "eval")}
+    mixing = {int(m["source"]): m for m in _mixing(final.filter(expr=col("bucket") == "train"))}
+    return {
+        "quarantine_reasons": {r["reason_key"]: int(r["count()"]) for r in _count_by(rejected, ["reason_key"])},
+        "duplicate_kinds": {r["reason_key"]: int(r["count()"]) for r in _count_by(dups, ["reason_key"])},
+        "token_lengths": {b: _length_stats(h) for b, h in hist.items()},
+        "label_tokens": {"train": train_stats["label_tokens"]},
+        "train_rows": train_stats,
+        "mixing": [{"source": s.uri, "weight": s.weight,
+                    "train_examples": int(mixing.get(i, {}).get("count()", 0)),
+                    "train_uses": int(mixing.get(i, {}).get("sum(repeats)", 0))}
+                   for i, s in enumerate(cfg.data.all_sources())],
+    }
+
+
+def _mixing(train: "ray.data.Dataset") -> list[dict[str, Any]]:
+    from ray.data.aggregate import Count, Sum
+
+    if train.count() == 0:
+        return []
+    return train.groupby("source").aggregate(Count(), Sum("repeats")).take_all()

@@ -25,6 +25,7 @@ __all__ = [
     "RunPaths",
     "copy_dir_from",
     "copy_dir_to",
+    "copy_tree",
     "endpoint_url",
     "exists",
     "join",
@@ -136,6 +137,14 @@ def copy_dir_to(local_dir: str | Path, uri: str, cfg: StorageConfig) -> None:
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
+
+
+def copy_tree(src_uri: str, dst_uri: str, cfg: StorageConfig) -> None:
+    """Copy a folder between two URIs, each on its own filesystem (local, S3)."""
+    src_fs, src = resolve(src_uri, cfg)
+    dst_fs, dst = resolve(dst_uri, cfg)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
 def copy_dir_from(uri: str, local_dir: str | Path | None, cfg: StorageConfig) -> Path:

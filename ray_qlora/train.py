@@ -21,9 +21,12 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback
 
-__all__ = ["apply_trial_params", "build_trainer", "load_split", "train_trial"]
+__all__ = ["PACKED_COLUMN", "apply_trial_params", "build_trainer", "is_packed", "load_split", "train_trial"]
 
 log = logging.getLogger(__name__)
+
+# The column a packed split has and an unpacked one lacks; named as TRL's collator reads it.
+PACKED_COLUMN = "seq_lengths"
 
 
 def apply_trial_params(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
@@ -33,16 +36,36 @@ def apply_trial_params(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineC
 
 
 def load_split(uri: str, cfg: PipelineConfig) -> "Dataset":
-    """A prepared split (Parquet shards) as a datasets.Dataset of input_ids/labels."""
+    """A prepared split (Parquet shards) as a datasets.Dataset of input_ids/labels.
+
+    A packed split also has ``seq_lengths`` (see ``ray_qlora.data.packing``),
+    which is what tells ``build_trainer`` to train padding-free.
+    """
     import pyarrow.dataset as pads
     from datasets import Dataset
 
     fs, path = storage.resolve(uri, cfg.storage)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["input_ids", "labels"])
-    return Dataset(table)
+    source = pads.dataset(path, filesystem=fs, format="parquet")
+    columns = ["input_ids", "labels"] + ([PACKED_COLUMN] if PACKED_COLUMN in source.schema.names else [])
+    return Dataset(source.to_table(columns=columns))
 
 
-def _sft_args(cfg: PipelineConfig, output_dir: str, device: str) -> Any:
+def is_packed(ds: "Dataset") -> bool:
+    """Whether rows hold several examples each (they carry their lengths in ``seq_lengths``)."""
+    return PACKED_COLUMN in (ds.column_names or [])
+
+
+def _sft_args(cfg: PipelineConfig, output_dir: str, device: str, packed: bool = False) -> Any:
+    """TRL's config for a trial; ``packed`` switches to padding-free batches of pre-packed rows.
+
+    Packed: TRL's collator flattens each batch into one row and restarts the
+    position ids at every example (from ``seq_lengths``; unpacked eval rows
+    restart per row), and passes no attention mask, so transformers builds a
+    block-causal one from those positions. TRL's own dataset preparation is
+    skipped: the rows are already tokenized, truncated and packed, and it
+    would otherwise cut them to max_length. max_length is None because TRL
+    refuses padding_free with a max_length it cannot enforce.
+    """
     from trl import SFTConfig
 
     t = cfg.training
@@ -64,7 +87,9 @@ def _sft_args(cfg: PipelineConfig, output_dir: str, device: str) -> Any:
         logging_steps=t.logging_steps,
         save_strategy="no",  # Tune keeps the checkpoints (adapter only), see _TuneReport
         report_to="none",
-        max_length=cfg.data.max_seq_length,
+        max_length=None if packed else cfg.data.max_seq_length,
+        padding_free=packed,
+        dataset_kwargs={"skip_prepare_dataset": True} if packed else None,
         bf16=device.startswith("cuda") and cfg.model.quantization.compute_dtype in ("auto", "bfloat16"),
         use_cpu=not device.startswith("cuda"),
         seed=cfg.run.seed,
@@ -81,11 +106,27 @@ def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eva
 
     from ray_qlora.modeling import attach_lora, load_4bit_base, load_tokenizer
 
-    tok = load_tokenizer(base_path)
+    packed = _training_mode(train_ds, eval_ds, cfg.data.max_seq_length)
+    tok = load_tokenizer(base_path, cfg.data.chat_template)
     model = load_4bit_base(base_path, cfg.model.quantization, device)
     model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
-    return SFTTrainer(model=model, args=_sft_args(cfg, output_dir, device), train_dataset=train_ds,
+    return SFTTrainer(model=model, args=_sft_args(cfg, output_dir, device, packed), train_dataset=train_ds,
                       eval_dataset=eval_ds, processing_class=tok, callbacks=callbacks or [])
+
+
+def _training_mode(train_ds: "Dataset", eval_ds: "Dataset", max_seq_length: int) -> bool:
+    """True for padding-free training on packed rows; logs the mode and why."""
+    if is_packed(train_ds):
+        log.info("train: packed split (has %s): padding-free batches, positions restart at each example, "
+                 "TRL's dataset preparation skipped (rows already tokenized, truncated and packed)", PACKED_COLUMN)
+        return True
+    if is_packed(eval_ds):
+        # Padded batches ignore seq_lengths: packed eval examples would attend to each other.
+        raise ValueError(f"the eval split is packed ({PACKED_COLUMN} column) but the train split is not; "
+                         "eval must be unpacked, or both prepared the same way")
+    log.info("train: unpacked split (no %s column): padded batches with an attention mask, "
+             "TRL truncates to max_length=%d", PACKED_COLUMN, max_seq_length)
+    return False
 
 
 def _tune_report_callback() -> "TrainerCallback":

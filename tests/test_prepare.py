@@ -1,16 +1,32 @@
-"""The prepare stage on a local Ray: split determinism, dedup, quarantine with reasons."""
+"""The prepare stage on a local Ray: every file type and format in, every row accounted for.
+
+One module-scoped prepare over a folder holding each file type (JSONL, JSON
+array, Parquet, gzip and zstd JSONL, a corrupt .gz, an unsupported file) and
+each row format, with one row per quarantine reason and duplicates of both
+kinds; the tests read its outputs and manifest.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from ray_qlora.config import parse_config
-from ray_qlora.prepare import assign_split, content_hash, prepare
+from ray_qlora.errors import DataError
+from ray_qlora.prepare import assign_split, content_hash, prepare, repeats_for
 from ray_qlora.storage import RunPaths
+
+LONG = " ".join(f"word{i}" for i in range(100))  # 100 words: one changed word keeps Jaccard ~0.93
 
 
 def test_split_is_deterministic_and_seeded() -> None:
@@ -29,56 +45,143 @@ def test_split_does_not_depend_on_order() -> None:
     assert forward == backward
 
 
-def _write_inputs(folder: Path) -> int:
-    """Good rows in both formats, plus malformed ones; returns the number of lines/rows."""
-    import pyarrow as pa
+def test_mixing_repeats_average_to_the_weight() -> None:
+    hashes = [content_hash([{"role": "user", "content": str(i)}]) for i in range(4000)]
+    assert all(repeats_for(2.0, h, 1) == 2 for h in hashes[:50])
+    half = sum(repeats_for(0.5, h, 1) for h in hashes) / len(hashes)
+    assert 0.46 < half < 0.54
+    assert 1.7 < sum(repeats_for(1.75, h, 1) for h in hashes) / len(hashes) < 1.8
 
+
+def _alpaca(i: int) -> dict[str, str]:
+    return {"instruction": f"Echo {i}", "output": f"echo {i}"}
+
+
+def _write_inputs(folder: Path) -> dict[str, int]:
+    """One folder with every file type, format and failure; returns the rows expected per file."""
     folder.mkdir(parents=True)
-    good = [json.dumps({"instruction": f"Echo {i}", "output": f"echo {i}"}) for i in range(30)]
-    bad = ['{"instruction": "cut off"', json.dumps({"instruction": "no output"}),
-           json.dumps({"foo": "bar"}), good[0]]  # the last is an exact duplicate
-    (folder / "a.jsonl").write_text("\n".join(good + bad) + "\n\n")  # blank lines are not rows
-    rows = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
-            for i in range(10)]
+    expected: dict[str, int] = {}
+    good = [json.dumps(_alpaca(i)) for i in range(30)]
+    a_lines = good + [
+        '{"instruction": "cut off"',                               # invalid JSON
+        json.dumps({"instruction": "no output"}),                  # missing field
+        json.dumps({"foo": "bar"}),                                # unrecognised format
+        json.dumps({"text": "raw text for pre-training"}),         # plain text, not allowed here
+        json.dumps(_alpaca(0)),                                    # exact duplicate
+        json.dumps({"instruction": "ECHO   0", "output": "Echo 0"}),  # duplicate after case/space folding
+        json.dumps({"instruction": LONG, "output": "long answer"}),
+        json.dumps({"instruction": LONG.replace("word50", "other"), "output": "long answer"}),  # near-dup
+        json.dumps({"instruction": "x " * 800, "output": "too long for max_seq_length"}),
+    ]
+    raw = "\n".join(a_lines).encode() + b'\n{"instruction": "bad \xff byte", "output": "y"}\n\n'
+    (folder / "a.jsonl").write_bytes(raw)
+    expected["a.jsonl"] = len(a_lines) + 1  # the blank line is not a row
+
+    rows: list[dict[str, Any]] = [
+        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
+        for i in range(10)]
     rows.append({"messages": [{"role": "user", "content": "unanswered"}]})
     pq.write_table(pa.Table.from_pylist(rows), folder / "b.parquet")
-    return len(good) + len(bad) + len(rows)
+    expected["b.parquet"] = len(rows)
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "parts"},
+                                                       {"type": "text", "text": " joined"}]},
+                          {"role": "assistant", "content": "ok"}]}
+    (folder / "b_parts.ndjson").write_text(json.dumps(parts) + "\n")
+    expected["b_parts.ndjson"] = 1
+
+    share = [{"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": f"H{i}"},
+                                {"from": "gpt", "value": f"G{i}"}]} for i in range(10)]
+    (folder / "c.jsonl.gz").write_bytes(gzip.compress("\n".join(map(json.dumps, share)).encode()))
+    expected["c.jsonl.gz"] = len(share)
+
+    array = [{"instruction": f"Array {i}", "input": "ctx", "output": f"out {i}"} for i in range(8)]
+    (folder / "d.json").write_text(json.dumps(array, indent=2))
+    expected["d.json"] = len(array)
+
+    pc_rows = [json.dumps({"prompt": f"P{i}?", "completion": f"C{i}"}) for i in range(6)]
+    with pa.CompressedOutputStream(str(folder / "e.jsonl.zst"), "zstd") as out:
+        out.write("\n".join(pc_rows).encode())
+    expected["e.jsonl.zst"] = len(pc_rows)
+
+    whole = gzip.compress("\n".join(json.dumps(_alpaca(100 + i)) for i in range(5000)).encode())
+    (folder / "f.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # truncated download
+    (folder / "notes.csv").write_text("not,instruction,data\n")
+    return expected
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, ray_local: None):  # noqa: ANN201
     root = tmp_path_factory.mktemp("prep")
-    n_rows = _write_inputs(root / "raw")
+    expected = _write_inputs(root / "raw")
     cfg = parse_config({"run": {"output_uri": str(root / "out"), "seed": 3},
-                        "data": {"input_uris": [str(root / "raw")], "eval_fraction": 0.25, "max_seq_length": 64},
+                        "data": {"input_uris": [str(root / "raw")], "eval_fraction": 0.25, "max_seq_length": 512},
                         "model": {"base": str(tiny_model_dir)}})
     run = RunPaths.for_run(cfg.run.output_uri, "p1")
-    return cfg, run, n_rows, prepare(cfg, run)
+    return cfg, run, expected, prepare(cfg, run)
 
 
-def test_every_row_is_accounted_for(prepared) -> None:  # noqa: ANN001
-    _, _, n_rows, manifest = prepared
+def _files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {Path(f["uri"]).name: f for f in manifest["files"]}
+
+
+def test_every_file_is_read_or_listed_with_a_reason(prepared) -> None:  # noqa: ANN001
+    _, _, expected, manifest = prepared
+    files = _files(manifest)
+    for name, n in expected.items():
+        assert files[name]["status"] == "read" and files[name]["read"] == n, name
+    assert files["f.jsonl.gz"]["status"] == "error"
+    assert files["f.jsonl.gz"]["reason"].startswith("corrupt:")
+    assert files["notes.csv"]["status"] == "skipped" and "unsupported file type" in files["notes.csv"]["reason"]
+
+
+def test_every_row_is_accounted_for_per_file_and_in_total(prepared) -> None:  # noqa: ANN001
+    _, _, expected, manifest = prepared
     c = manifest["counts"]
-    assert c["read"] == n_rows
-    assert c["train"] + c["eval"] + c["quarantine"] == c["read"]
-    assert c["quarantine"] == 5 and c["train"] > 0 and c["eval"] > 0
+    assert c["read"] == sum(expected.values()) + _files(manifest)["f.jsonl.gz"]["read"]
+    assert c["read"] == c["train"] + c["eval"] + c["quarantine"] + c["duplicate"]
+    for f in manifest["files"]:
+        if f["status"] != "skipped":
+            assert f["read"] == f["train"] + f["eval"] + f["quarantine"] + f["duplicate"], f["uri"]
+    assert c["duplicate"] == 3 and c["quarantine"] == 7
 
 
 def test_quarantine_keeps_row_and_reason(prepared) -> None:  # noqa: ANN001
     _, run, _, manifest = prepared
     q = pq.read_table(run.quarantine).to_pylist()
-    reasons = sorted(r["reason"].split(":")[0] for r in q)
-    assert any(r.startswith("invalid JSON") for r in reasons)
-    assert "field 'output' is missing or empty" in reasons
-    assert any(r.startswith("duplicate of a conversation") for r in reasons)
-    assert any(r.startswith("unrecognised row format") for r in reasons)
-    assert "the conversation must end with an assistant message" in reasons
-    cut = next(r for r in q if r["reason"].startswith("invalid JSON"))
-    assert cut["raw"] == '{"instruction": "cut off"' and cut["path"].endswith("a.jsonl")
+    by_reason = {r["reason"].split(":")[0]: r for r in q}
+    assert set(manifest["quarantine_reasons"]) == {
+        "invalid JSON", "field 'output' is missing or empty", "unrecognised row format",
+        "plain-text row (continued pre-training); set data.allow_text", "too long", "not UTF-8",
+        "the conversation must end with an assistant message"}
+    assert by_reason["invalid JSON"]["raw"] == '{"instruction": "cut off"'
+    assert by_reason["invalid JSON"]["path"].endswith("a.jsonl") and by_reason["invalid JSON"]["line"] == 31
+    assert "\\xff" in by_reason["not UTF-8"]["raw"], "the bad bytes are kept, escaped"
     assert sum(manifest["quarantine_reasons"].values()) == len(q)
 
 
-def test_shards_hold_masked_tokens_and_manifest_stats(prepared) -> None:  # noqa: ANN001
+def test_duplicates_exact_and_near_point_at_the_kept_row(prepared) -> None:  # noqa: ANN001
+    _, run, _, manifest = prepared
+    dups = pq.read_table(Path(manifest["uris"]["duplicates"])).to_pylist()
+    kinds = sorted(d["reason"].split(" of ")[0].split(" (")[0] for d in dups)
+    assert kinds == ["exact duplicate", "exact duplicate", "near-duplicate"]
+    assert manifest["duplicate_kinds"] == {"exact duplicate": 2, "near-duplicate": 1}
+    near = next(d for d in dups if d["reason"].startswith("near"))
+    assert "other" in near["raw"] and near["kept_uid"] < near["uid"], "the first occurrence is kept"
+    kept = [json.loads(r["messages"]) for r in pq.read_table(run.train).to_pylist()
+            + pq.read_table(run.eval).to_pylist()]
+    assert sum(LONG in m[0]["content"] for m in kept) == 1
+
+
+def test_every_format_reaches_the_shards(prepared) -> None:  # noqa: ANN001
+    _, run, _, _ = prepared
+    rows = pq.read_table(run.train).to_pylist() + pq.read_table(run.eval).to_pylist()
+    users = {json.loads(r["messages"])[-2]["content"] for r in rows}
+    assert {"H3", "Q3", "P3?", "Array 3\n\nctx", "parts joined", "Echo 3"} <= users
+    share = next(json.loads(r["messages"]) for r in rows if json.loads(r["messages"])[-1]["content"] == "G1")
+    assert share[0] == {"role": "system", "content": "be brief"}
+
+
+def test_shards_hold_masked_tokens_and_checks_pass(prepared) -> None:  # noqa: ANN001
     _, run, _, manifest = prepared
     train = pq.read_table(run.train).to_pylist()
     for row in train:
@@ -87,21 +190,78 @@ def test_shards_hold_masked_tokens_and_manifest_stats(prepared) -> None:  # noqa
     hashes = [r["content_hash"] for r in train] + [r["content_hash"] for r in pq.read_table(run.eval).to_pylist()]
     assert len(hashes) == len(set(hashes)), "no conversation appears twice across the splits"
     stats = manifest["token_lengths"]["train"]
-    assert stats["min"] <= stats["p50"] <= stats["max"]
-    assert len(manifest["input_hash"]) == 64
+    assert stats["min"] <= stats["p50"] <= stats["p95"] <= stats["max"] <= 512
+    assert manifest["checks"]["end_of_turn_token"] == "<|im_end|>"
+    assert all(v["passed"] for k, v in manifest["checks"].items() if isinstance(v, dict))
+    assert len(manifest["input_hash"]) == 64 and manifest["cache_hit"] is False
 
 
-def test_rerun_gives_the_same_split(prepared) -> None:  # noqa: ANN001
+def test_rerun_reuses_the_earlier_output(prepared) -> None:  # noqa: ANN001
     cfg, run, _, manifest = prepared
-    again = prepare(cfg, RunPaths.for_run(cfg.run.output_uri, "p2"))
+    other = RunPaths.for_run(cfg.run.output_uri, "p2")
+    again = prepare(cfg, other)
+    assert again["cache_hit"] is True and again["cached_from"] == run.root
     assert again["counts"] == manifest["counts"]
     a = sorted(r["content_hash"] for r in pq.read_table(run.eval).to_pylist())
-    b = sorted(r["content_hash"] for r in pq.read_table(RunPaths.for_run(cfg.run.output_uri, "p2").eval).to_pylist())
-    assert a == b
+    assert a == sorted(r["content_hash"] for r in pq.read_table(other.eval).to_pylist())
+    changed = prepare(cfg.with_overrides({"data.eval_fraction": 0.3}), RunPaths.for_run(cfg.run.output_uri, "p3"))
+    assert changed["cache_hit"] is False and changed["fingerprint"] != manifest["fingerprint"]
+
+
+def _cfg(tmp: Path, model: Path, **data: Any):  # noqa: ANN202
+    return parse_config({"run": {"output_uri": str(tmp / "out")},
+                         "data": {"input_uris": [str(tmp / "raw")], "max_seq_length": 96, **data},
+                         "model": {"base": str(model)}})
+
+
+def test_clean_data_with_weights_and_packing(tmp_path: Path, tiny_model_dir: Path, ray_local: None) -> None:
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_text("\n".join(json.dumps(_alpaca(i)) for i in range(60)))
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "b.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": f"Say {i}", "completion": f"{i}"}) for i in range(40)))
+    cfg = _cfg(tmp_path, tiny_model_dir, packing=True,
+               sources=[{"uri": str(tmp_path / "more" / "*.jsonl"), "weight": 2.0}])
+    run = RunPaths.for_run(cfg.run.output_uri, "clean")
+    m = prepare(cfg, run)  # no bad rows, no duplicates: an empty quarantine is not an error
+    assert m["counts"]["quarantine"] == 0 and m["counts"]["duplicate"] == 0 and m["quarantine_reasons"] == {}
+    mix = {Path(x["source"]).name: x for x in m["mixing"]}
+    assert mix["*.jsonl"]["train_uses"] == 2 * mix["*.jsonl"]["train_examples"]
+    assert mix["raw"]["train_uses"] == mix["raw"]["train_examples"]
+    packed = pq.read_table(run.train).to_pylist()
+    assert sum(r["num_examples"] for r in packed) == sum(x["train_uses"] for x in m["mixing"])
+    assert all(sum(r["seq_lengths"]) == r["num_tokens"] <= 96 for r in packed)
+    assert m["train_rows"]["packed"] and m["train_rows"]["efficiency"] > 0.8
+
+
+def test_a_failing_template_check_stops_the_stage(tmp_path: Path, tiny_model_dir: Path, ray_local: None) -> None:
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_text("\n".join(json.dumps(_alpaca(i)) for i in range(10)))
+    # answers end with nothing: no end-of-turn token to label
+    template = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:\n{% endif %}")
+    with pytest.raises(DataError, match=r"end_of_turn_labelled.*a.jsonl line \d"):
+        prepare(_cfg(tmp_path, tiny_model_dir, chat_template=template), RunPaths.for_run(str(tmp_path), "t"))
 
 
 def test_missing_input_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path, ray_local: None) -> None:
     cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": [str(tmp_path / "none")]},
                         "model": {"base": str(tiny_model_dir)}})
-    with pytest.raises(FileNotFoundError, match="nothing at"):
+    with pytest.raises(DataError, match="nothing at"):
         prepare(cfg, RunPaths.for_run(str(tmp_path), "x"))
+
+
+def test_cli_prints_a_clean_error_when_nothing_is_usable(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A user's data mistake: one line on stderr, exit 2, no traceback (a real CLI process, its own Ray)."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_text('{"foo": 1}\n{"bar": 2}\nnot json\n')
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"run": {"output_uri": str(tmp_path / "out")}, "ray": {"num_cpus": 2},
+                                    "data": {"input_uris": [str(tmp_path / "raw")]},
+                                    "model": {"base": str(tiny_model_dir)}}))
+    proc = subprocess.run([sys.executable, "-m", "ray_qlora.cli", "prepare", str(conf), "--run-id", "r"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: prepare: 0 train / 0 eval examples from 3 rows (3 quarantined" in proc.stderr

@@ -1,0 +1,156 @@
+"""Exact and near-duplicate detection that scales: keys per row, groups found by Ray Data.
+
+Each row gets a list of keys (computed in parallel, in the row actors):
+
+- ``x:<hash>`` of its normalised text (case and whitespace folded): equal
+  keys are exact duplicates;
+- ``b<i>:<hash>`` of band i of its MinHash signature (word shingles,
+  datasketch's MinHash; bands and rows per band from datasketch's MinHashLSH
+  for the configured threshold): rows sharing a band key are near-duplicate
+  candidates.
+
+Ray Data then counts rows per key (a vectorised aggregation, no per-group
+Python), and only keys held by more than one row reach the driver, with the
+uids holding them. ``resolve`` verifies candidates (exact key equal, or the
+estimated Jaccard similarity of the two signatures at or above the
+threshold), joins verified pairs into groups, and keeps the first row of
+each group by uid (file order, then line order). So the driver holds the
+colliding rows, never the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Iterable
+
+from ray_qlora.config import DedupConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Duplicate", "dedup_keys", "lsh_params", "normalise", "resolve", "signature"]
+
+_WS = re.compile(r"\s+")
+_WORD = re.compile(r"\w+", re.UNICODE)
+Duplicate = tuple[str, str]  # (uid of the row kept, reason)
+_SCHEME = "affine32"  # datasketch 2's default permutation scheme, named because shared permutations need it
+
+
+def normalise(messages: list[dict[str, str]]) -> str:
+    """The text two rows must share to be exact duplicates: roles and contents, case and spacing folded."""
+    return "\n".join(f"{m['role']}: {_WS.sub(' ', m['content']).strip().lower()}" for m in messages)
+
+
+def _shingles(text: str, size: int) -> list[bytes]:
+    words = _WORD.findall(text)
+    if len(words) <= size:
+        return [" ".join(words).encode()]
+    return [" ".join(words[i:i + size]).encode() for i in range(len(words) - size + 1)]
+
+
+@lru_cache(maxsize=8)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH picks for this threshold."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return int(lsh.b), int(lsh.r)
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int) -> Any:
+    # Generating the permutations is the slow part of a MinHash; share them.
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=1, scheme=_SCHEME).permutations
+
+
+def signature(text: str, cfg: DedupConfig) -> "np.ndarray":
+    """MinHash signature (num_perm uint64 values) of the text's word shingles."""
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=cfg.num_perm, seed=1, permutations=_permutations(cfg.num_perm), scheme=_SCHEME)
+    m.update_batch(_shingles(text, cfg.shingle_size))
+    return m.hashvalues
+
+
+def _short(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def dedup_keys(messages: list[dict[str, str]], cfg: DedupConfig) -> list[str]:
+    """The keys of one row: exact key, then one key per LSH band."""
+    text = normalise(messages)
+    keys = [f"x:{_short(text.encode())}"] if cfg.exact or cfg.near else []
+    if cfg.near:
+        bands, rows = lsh_params(cfg.near_threshold, cfg.num_perm)
+        sig = signature(text, cfg)
+        keys += [f"b{i}:{_short(sig[i * rows:(i + 1) * rows].tobytes())}" for i in range(bands)]
+    return keys
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        root = x
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while x != root:  # path compression
+            self.parent[x], x = root, self.parent.get(x, x)
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the smaller uid (earlier row) becomes the root: it is the one kept
+            lo, hi = sorted((ra, rb))
+            self.parent[hi] = lo
+
+
+def _similarity(a: "np.ndarray", b: "np.ndarray") -> float:
+    import numpy as np
+
+    return float(np.mean(a == b))
+
+
+def resolve(groups: Iterable[list[str]], rows: dict[str, tuple[str, list[dict[str, str]]]],
+            cfg: DedupConfig) -> dict[str, Duplicate]:
+    """Colliding groups of uids -> {uid of a dropped row: (uid kept, reason)}.
+
+    ``groups`` are the uids sharing one key; ``rows`` maps each uid to
+    (location for messages, its messages). Candidate pairs within a group are
+    verified before they are joined, so an LSH false positive drops nothing.
+    """
+    texts = {uid: normalise(msgs) for uid, (_, msgs) in rows.items()}
+    sigs: dict[str, Any] = {}
+
+    def sig(uid: str) -> Any:
+        if uid not in sigs:
+            sigs[uid] = signature(texts[uid], cfg)
+        return sigs[uid]
+
+    uf = _UnionFind()
+    for group in groups:
+        members = sorted(set(group))
+        # all pairs in small groups; against the first member only in big ones (bounded work)
+        pairs = ([(a, b) for i, a in enumerate(members) for b in members[i + 1:]] if len(members) <= 32
+                 else [(members[0], b) for b in members[1:]])
+        for a, b in pairs:
+            same = texts[a] == texts[b]  # an exact duplicate is also a near one (similarity 1)
+            if same or (cfg.near and _similarity(sig(a), sig(b)) >= cfg.near_threshold):
+                uf.union(a, b)
+    out: dict[str, Duplicate] = {}
+    for uid in sorted(uf.parent):
+        kept = uf.find(uid)
+        if kept == uid:
+            continue
+        where = rows[kept][0]
+        if texts[uid] == texts[kept]:
+            out[uid] = (kept, f"exact duplicate of {where}")
+        else:
+            sim = _similarity(sig(uid), sig(kept))
+            out[uid] = (kept, f"near-duplicate (estimated Jaccard {sim:.2f}) of {where}")
+    return out
