@@ -55,7 +55,7 @@ def test_run_folder_and_lineage(finished_run) -> None:  # noqa: ANN001
     assert all(s["status"] == "succeeded" for s in rec["stages"].values())
     assert rec["config"]["run"]["output_uri"] == "s3://it-bucket/out"
     manifest = storage.read_json(run.paths.manifest, cfg.storage)
-    assert manifest["counts"]["quarantine"] == 5  # 4 malformed sample rows + 1 duplicate
+    assert manifest["counts"]["quarantine"] == 4 and manifest["counts"]["duplicate"] == 1  # malformed rows, a copy
     assert rec["stages"]["prepare"]["result"]["input_hash"] == manifest["input_hash"]
 
 

@@ -1,0 +1,41 @@
+"""The benchmarks run in smoke mode (tiny sizes, the tiny model's tokenizer) and print sane figures.
+
+The figures themselves are measured by running the scripts at full size
+(see README); here only that they run end to end and compute what they claim.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_prepare_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("prepare_throughput").main(["--rows", "400", "--base", str(tiny_model_dir), "--cpus", "2"])
+    assert out["rows"] == 400 and out["counts"]["quarantine"] == 0
+    assert out["ratio"] > 0 and "ratio prepare / baseline" in capsys.readouterr().out
+
+
+def test_packing_efficiency_smoke(tiny_model_dir: Path) -> None:
+    out = _load("packing_efficiency").main(["--base", str(tiny_model_dir), "--n", "2000"])
+    assert out["sample (capacity 2048)"]["packing"] >= 0.95
+    tail = out["long-tailed (capacity 2048)"]
+    assert tail["packing"] >= 0.95 > tail["padding"]
+
+
+def test_prepare_memory_smoke(tiny_model_dir: Path) -> None:
+    out = _load("prepare_memory").main(["--rows", "100", "--base", str(tiny_model_dir)])
+    assert set(out["peaks"]) == {100, 1000}
+    assert all(p["driver"] > 50 and p["worker"] > 0 for p in out["peaks"].values())
