@@ -34,6 +34,7 @@ from ray_qlora.data.templating import end_of_turn_id, tokenize_conversation
 from ray_qlora.errors import DataError
 
 if TYPE_CHECKING:
+    import numpy as np
     import pyarrow as pa
     import ray.data
 
@@ -80,7 +81,7 @@ def _processed_schema() -> "pa.Schema":
     return pa.schema([
         ("uid", pa.string()), ("path", pa.string()), ("source", pa.int32()), ("line", pa.int64()),
         ("record", pa.string()), ("raw", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-        ("messages", pa.string()), ("content_hash", pa.string()), ("dedup_keys", pa.list_(pa.string())),
+        ("messages", pa.string()), ("content_hash", pa.string()), ("dedup_keys", pa.list_(pa.int64())),
         ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
         ("num_tokens", pa.int32()), ("num_label_tokens", pa.int32()), ("check_failures", pa.list_(pa.string())),
         ("check_failed", pa.bool_()),
@@ -150,13 +151,19 @@ def _read_files(batch: dict[str, Any], files: list[dict[str, Any]], storage_json
             yield pa.Table.from_pydict(cols, schema=schema)
 
 
-def _actor_pool(cfg: PipelineConfig) -> int | tuple[int, int]:
-    """'auto': an autoscaling pool from 1 actor to one per CPU of the cluster."""
+def _actor_pool(cfg: PipelineConfig) -> int | tuple[int, int, int]:
+    """'auto': an autoscaling pool of 1 to one actor per CPU of the cluster, starting full.
+
+    Starting at one actor, Ray Data's autoscaler kept a single actor on a
+    2-CPU machine for the whole stage (files are few, large input blocks);
+    starting full and letting idle actors go uses the cluster from the start.
+    """
     import ray
 
     if cfg.data.num_actors != "auto":
         return int(cfg.data.num_actors)
-    return (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return (1, cpus, cpus)
 
 
 @contextlib.contextmanager
@@ -220,42 +227,52 @@ def _bucket_batch(batch: "pa.Table", duplicates: dict[str, dedup.Duplicate], see
             .append_column("repeats", pa.array(repeats, pa.int32())))
 
 
-def _find_duplicates(processed: "ray.data.Dataset", cfg: PipelineConfig) -> dict[str, dedup.Duplicate]:
-    """Rows sharing a dedup key, resolved into {dropped uid: (kept uid, reason)}."""
+def _shared_keys(processed: "ray.data.Dataset") -> "np.ndarray":
+    """Dedup keys held by more than one row.
+
+    Only the key column comes to the driver (8 bytes a key, 1 + LSH bands
+    keys a row), where numpy counts it in well under a second for millions
+    of keys; Ray Data's groupby of the same keys took 30 s on 2 CPUs.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    chunks = [pc.list_flatten(b.column("dedup_keys")).to_numpy()
+              for b in processed.select_columns(["dedup_keys"]).iter_batches(batch_format="pyarrow", batch_size=None)]
+    keys = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+    uniq, counts = np.unique(keys, return_counts=True)
+    return uniq[counts > 1]
+
+
+def _rows_with_keys(t: "pa.Table", shared: "np.ndarray") -> "pa.Table":
+    """(key, uid, path, line, messages) for each shared key a row holds: the candidates' groups."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from ray.data.expressions import col
 
+    keys = t.column("dedup_keys")
+    flat, parent = pc.list_flatten(keys), pc.list_parent_indices(keys)
+    hit = pc.is_in(flat, value_set=pa.array(shared, pa.int64()))
+    rows = pc.filter(parent, hit)
+    return pa.table({"key": pc.filter(flat, hit), **{c: pc.take(t.column(c), rows)
+                                                     for c in ("uid", "path", "line", "messages")}})
+
+
+def _find_duplicates(processed: "ray.data.Dataset", cfg: PipelineConfig) -> dict[str, dedup.Duplicate]:
+    """Rows sharing a dedup key, resolved into {dropped uid: (kept uid, reason)}."""
     d = cfg.data.dedup
     if not (d.exact or d.near):
         return {}
-    ok = processed.filter(expr=col("status") == "ok").select_columns(["uid", "dedup_keys"])
-
-    def explode(t: pa.Table) -> pa.Table:
-        keys = t.column("dedup_keys")
-        return pa.table({"key": pc.list_flatten(keys), "uid": pc.take(t.column("uid"), pc.list_parent_indices(keys))})
-
-    keyed = ok.map_batches(explode, batch_format="pyarrow").materialize()
-    counts = keyed.groupby("key").count()
-    shared = {r["key"] for r in counts.filter(expr=col("count()") > 1).select_columns(["key"]).take_all()}
-    if not shared:
+    shared = _shared_keys(processed)
+    if not len(shared):
         return {}
-    hits = keyed.filter(expr=col("key").is_in(list(shared))).take_all()
-    groups: dict[str, list[str]] = {}
+    hits = processed.select_columns(["dedup_keys", "uid", "path", "line", "messages"]).map_batches(
+        _rows_with_keys, fn_kwargs={"shared": shared}, batch_format="pyarrow").take_all()
+    groups: dict[int, list[str]] = {}
+    rows: dict[str, tuple[str, list[dict[str, str]]]] = {}
     for r in hits:
         groups.setdefault(r["key"], []).append(r["uid"])
-    uids = sorted({u for g in groups.values() for u in g})
-    rows = {r["uid"]: (f"{r['path']} line {r['line']}", json.loads(r["messages"]))
-            for r in processed.filter(expr=col("uid").is_in(uids))
-            .select_columns(["uid", "path", "line", "messages"]).take_all()}
+        rows.setdefault(r["uid"], (f"{r['path']} line {r['line']}", json.loads(r["messages"])))
     return dedup.resolve(groups.values(), rows, d)
-
-
-def _count_by(ds: "ray.data.Dataset", keys: list[str]) -> list[dict[str, Any]]:
-    """Row counts per value of ``keys`` (a Ray Data aggregation); [] for an empty dataset."""
-    if ds.count() == 0:
-        return []
-    return ds.groupby(keys).count().take_all()
 
 
 def _length_stats(hist: list[dict[str, Any]]) -> dict[str, float]:
@@ -350,14 +367,21 @@ def _reuse(cfg: PipelineConfig, run: storage.RunPaths, fingerprint: str) -> dict
     if manifest.get("fingerprint") != fingerprint:
         return None
     if earlier.root != run.root:
-        for part in ("train", "eval", "quarantine", "duplicates"):
+        _clear_outputs(run, cfg)
+        for part, dst in _uris(run).items():
             src = storage.join(earlier.root, "data", part)
             if storage.exists(src, cfg.storage):
-                storage.copy_tree(src, storage.join(run.root, "data", part), cfg.storage)
+                storage.copy_tree(src, dst, cfg.storage)
     manifest = {**manifest, "cache_hit": True, "cached_from": earlier.root,
                 "uris": _uris(run)}
     storage.write_json(run.manifest, manifest, cfg.storage)
     return manifest
+
+
+def _clear_outputs(run: storage.RunPaths, cfg: PipelineConfig) -> None:
+    """Remove an earlier prepare's shards from the run folder: Ray writes new files beside old ones."""
+    for uri in _uris(run).values():
+        storage.remove_tree(uri, cfg.storage)
 
 
 def _uris(run: storage.RunPaths) -> dict[str, str]:
@@ -438,27 +462,26 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
 
     with _stage_data_context():
         processed = _process(readable, cfg)
-        row_checks = checks.row_checks(processed)
+        checked = {**tok_checks(), **checks.row_checks(processed)}
         duplicates = _find_duplicates(processed, cfg)
-        weights = [s.weight for s in cfg.data.all_sources()]
-        final = processed.map_batches(
-            _bucket_batch, fn_kwargs={"duplicates": duplicates, "seed": cfg.run.seed,
-                                      "eval_fraction": cfg.data.eval_fraction, "weights": weights},
-            batch_format="pyarrow").materialize()
+        final = _bucketize(processed, duplicates, cfg)
         status = final.filter(expr=col("bucket") == "file").select_columns(["path", "line", "reason"]).take_all()
-        entries, counts = _reconcile(files, status, _count_by(final.filter(expr=col("bucket") != "file"),
-                                                              ["path", "bucket"]))
+        stats = _statistics(final.filter(expr=col("bucket") != "file"))
+        entries, counts = _reconcile(files, status, stats)
         if not counts["train"] or not counts["eval"]:
             raise DataError(
                 f"prepare: {counts['train']} train / {counts['eval']} eval examples from {counts['read']} rows "
                 f"({counts['quarantine']} quarantined, {counts['duplicate']} duplicates; see "
                 f"{run.quarantine}); need both: fix the data or change data.eval_fraction")
-        manifest = _write_outputs(final, cfg, run)
+        _clear_outputs(run, cfg)
+        train = _write_outputs(final, cfg, run)
 
+    manifest = {**_summaries(stats, cfg), "label_tokens": {"train": train["label_tokens"]}, "train_rows": train,
+                "packing_efficiency": train["efficiency"]}
     manifest.update({
         "fingerprint": fingerprint, "cache_hit": False, "files": entries, "counts": counts,
         "input_files": [f.uri for f in readable], "input_hash": _input_hash(readable, cfg),
-        "checks": {**tok_checks, **row_checks}, "seed": cfg.run.seed, "eval_fraction": cfg.data.eval_fraction,
+        "checks": checked, "seed": cfg.run.seed, "eval_fraction": cfg.data.eval_fraction,
         "uris": _uris(run),
     })
     storage.write_json(run.manifest, manifest, cfg.storage)
@@ -466,6 +489,16 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
         storage.write_json(_cache_index(cfg, fingerprint), {"run_root": run.root}, cfg.storage)
     log.info("prepare: %s (quarantine reasons %s)", counts, manifest["quarantine_reasons"])
     return manifest
+
+
+def _bucketize(processed: "ray.data.Dataset", duplicates: dict[str, dedup.Duplicate],
+               cfg: PipelineConfig) -> "ray.data.Dataset":
+    """Every processed row with its bucket, reason, kept uid and repeats (held by Ray)."""
+    weights = [s.weight for s in cfg.data.all_sources()]
+    return processed.map_batches(
+        _bucket_batch, fn_kwargs={"duplicates": duplicates, "seed": cfg.run.seed,
+                                  "eval_fraction": cfg.data.eval_fraction, "weights": weights},
+        batch_format="pyarrow").materialize()
 
 
 def _process(readable: list[sources.InputFile], cfg: PipelineConfig) -> "ray.data.Dataset":
@@ -478,43 +511,58 @@ def _process(readable: list[sources.InputFile], cfg: PipelineConfig) -> "ray.dat
                                        "storage_json": cfg.storage.model_dump_json()})
     return raw.map_batches(
         _RowProcessor, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
-        concurrency=_actor_pool(cfg), batch_size=cfg.data.batch_size, batch_format="pyarrow").materialize()
+        concurrency=_actor_pool(cfg), batch_size=None, batch_format="pyarrow").materialize()
 
 
 def _write_outputs(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
-    """Shards, quarantine and duplicates written; returns the statistics for the manifest."""
+    """Shards, quarantine and duplicates written; returns the train rows' statistics."""
     from ray.data.expressions import col
 
-    evals = final.filter(expr=col("bucket") == "eval").materialize()
-    _write(evals, ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"],
+    _write(final.filter(expr=col("bucket") == "eval"),
+           ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"],
            run.eval, cfg)
-    train_stats = _write_train(final, cfg, run)
-    rejected = final.filter(expr=col("bucket") == "quarantine").materialize()
-    if rejected.count():
-        _write(rejected, ["uid", "path", "line", "raw", "reason"], run.quarantine, cfg)
-    dups = final.filter(expr=col("bucket") == "duplicate").materialize()
-    if dups.count():
-        _write(dups, ["uid", "path", "line", "raw", "reason", "kept_uid"], _uris(run)["duplicates"], cfg)
-    examples = final.filter(expr=col("bucket").is_in(["train", "eval"]))
-    hist = {b: [h for h in _count_by(examples, ["bucket", "num_tokens"]) if h["bucket"] == b]
-            for b in ("train", "eval")}
-    mixing = {int(m["source"]): m for m in _mixing(final.filter(expr=col("bucket") == "train"))}
+    for bucket, cols, uri in (("quarantine", ["uid", "path", "line", "raw", "reason"], run.quarantine),
+                              ("duplicate", ["uid", "path", "line", "raw", "reason", "kept_uid"],
+                               _uris(run)["duplicates"])):
+        rows = final.filter(expr=col("bucket") == bucket).materialize()
+        if rows.count():
+            _write(rows, cols, uri, cfg)
+    return _write_train(final, cfg, run)
+
+
+def _statistics(final: "ray.data.Dataset") -> list[dict[str, Any]]:
+    """Row counts and train uses per (file, bucket, reason kind, length, source): one aggregation
+    from which every count of the manifest is read."""
+    from ray.data.aggregate import Count, Sum
+
+    keys = ["path", "bucket", "reason_key", "num_tokens", "source"]
+    if final.count() == 0:  # an empty dataset has no columns to group by
+        return []
+    return final.select_columns([*keys, "repeats"]).groupby(keys).aggregate(Count(), Sum("repeats")).take_all()
+
+
+def _summaries(stats: list[dict[str, Any]], cfg: PipelineConfig) -> dict[str, Any]:
+    """The manifest's reasons, length statistics and mixing, from ``_statistics``."""
+    def total(bucket: str, key: str) -> dict[Any, int]:
+        out: dict[Any, int] = {}
+        for s in stats:
+            if s["bucket"] == bucket:
+                out[s[key]] = out.get(s[key], 0) + int(s["count()"])
+        return out
+
+    mixing: dict[int, list[int]] = {}
+    for s in stats:
+        if s["bucket"] == "train":
+            got = mixing.setdefault(int(s["source"]), [0, 0])
+            got[0] += int(s["count()"])
+            got[1] += int(s["sum(repeats)"] or 0)
     return {
-        "quarantine_reasons": {r["reason_key"]: int(r["count()"]) for r in _count_by(rejected, ["reason_key"])},
-        "duplicate_kinds": {r["reason_key"]: int(r["count()"]) for r in _count_by(dups, ["reason_key"])},
-        "token_lengths": {b: _length_stats(h) for b, h in hist.items()},
-        "label_tokens": {"train": train_stats["label_tokens"]},
-        "train_rows": train_stats,
-        "mixing": [{"source": s.uri, "weight": s.weight,
-                    "train_examples": int(mixing.get(i, {}).get("count()", 0)),
-                    "train_uses": int(mixing.get(i, {}).get("sum(repeats)", 0))}
-                   for i, s in enumerate(cfg.data.all_sources())],
+        "quarantine_reasons": total("quarantine", "reason_key"),
+        "duplicate_kinds": total("duplicate", "reason_key"),
+        "token_lengths": {b: _length_stats([{"num_tokens": n, "count()": c} for n, c in total(b, "num_tokens").items()])
+                          for b in ("train", "eval")},
+        "mixing": [{"source": src.uri, "weight": src.weight, "train_examples": mixing.get(i, [0, 0])[0],
+                    "train_uses": mixing.get(i, [0, 0])[1]} for i, src in enumerate(cfg.data.all_sources())],
     }
 
 
-def _mixing(train: "ray.data.Dataset") -> list[dict[str, Any]]:
-    from ray.data.aggregate import Count, Sum
-
-    if train.count() == 0:
-        return []
-    return train.groupby("source").aggregate(Count(), Sum("repeats")).take_all()

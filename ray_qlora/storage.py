@@ -32,6 +32,7 @@ __all__ = [
     "list_files",
     "read_bytes",
     "read_json",
+    "remove_tree",
     "resolve",
     "write_bytes",
     "write_figure",
@@ -137,6 +138,13 @@ def copy_dir_to(local_dir: str | Path, uri: str, cfg: StorageConfig) -> None:
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
+
+
+def remove_tree(uri: str, cfg: StorageConfig) -> None:
+    """Delete a folder and everything in it; nothing to do if it is not there."""
+    fs, path = resolve(uri, cfg)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def copy_tree(src_uri: str, dst_uri: str, cfg: StorageConfig) -> None:

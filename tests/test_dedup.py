@@ -13,7 +13,7 @@ CFG = DedupConfig()
 
 def _resolve(convs: dict[str, list[dict[str, str]]], cfg: DedupConfig = CFG) -> dict[str, tuple[str, str]]:
     """What prepare does through Ray Data, in plain Python: group uids by key, resolve groups."""
-    groups: dict[str, list[str]] = {}
+    groups: dict[int, list[str]] = {}
     for uid, msgs in convs.items():
         for key in dedup_keys(msgs, cfg):
             groups.setdefault(key, []).append(uid)

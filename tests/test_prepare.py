@@ -106,6 +106,7 @@ def _write_inputs(folder: Path) -> dict[str, int]:
     whole = gzip.compress("\n".join(json.dumps(_alpaca(100 + i)) for i in range(5000)).encode())
     (folder / "f.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # truncated download
     (folder / "notes.csv").write_text("not,instruction,data\n")
+    (folder / "gone.jsonl").symlink_to(folder / "deleted-since.jsonl")  # a dangling link
     return expected
 
 
@@ -132,6 +133,8 @@ def test_every_file_is_read_or_listed_with_a_reason(prepared) -> None:  # noqa: 
     assert files["f.jsonl.gz"]["status"] == "error"
     assert files["f.jsonl.gz"]["reason"].startswith("corrupt:")
     assert files["notes.csv"]["status"] == "skipped" and "unsupported file type" in files["notes.csv"]["reason"]
+    assert files["gone.jsonl"] == {**files["gone.jsonl"], "status": "skipped",
+                                   "reason": "unreadable: broken symbolic link"}
 
 
 def test_every_row_is_accounted_for_per_file_and_in_total(prepared) -> None:  # noqa: ANN001
@@ -265,3 +268,32 @@ def test_cli_prints_a_clean_error_when_nothing_is_usable(tmp_path: Path, tiny_mo
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "error: prepare: 0 train / 0 eval examples from 3 rows (3 quarantined" in proc.stderr
+
+
+def test_prepare_again_into_the_same_run_replaces_its_shards(tmp_path: Path, tiny_model_dir: Path,
+                                                             ray_local: None) -> None:
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_text("\n".join(json.dumps(_alpaca(i)) for i in range(40)))
+    run = RunPaths.for_run(str(tmp_path / "out"), "same")
+    first = prepare(_cfg(tmp_path, tiny_model_dir, eval_fraction=0.2), run)
+    second = prepare(_cfg(tmp_path, tiny_model_dir, eval_fraction=0.5), run)
+    assert second["cache_hit"] is False and second["counts"] != first["counts"]
+    assert pq.read_table(run.train).num_rows == second["counts"]["train"]
+    assert pq.read_table(run.eval).num_rows == second["counts"]["eval"]
+
+
+def test_local_and_s3_sources_mix(tmp_path: Path, tiny_model_dir: Path, local_s3, ray_local: None) -> None:  # noqa: ANN001
+    """Each file is read through its own filesystem: a local folder and an S3 prefix in one config."""
+    from ray_qlora import storage
+    from ray_qlora.config import StorageConfig
+
+    local_s3.create_bucket("mix-bucket")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_text("\n".join(json.dumps(_alpaca(i)) for i in range(20)))
+    remote = "\n".join(json.dumps({"prompt": f"S3 {i}", "completion": "ok"}) for i in range(20))
+    storage.write_bytes("s3://mix-bucket/raw/b.jsonl", remote.encode(), StorageConfig())
+    cfg = _cfg(tmp_path, tiny_model_dir, sources=[{"uri": "s3://mix-bucket/raw/"}])
+    m = prepare(cfg, RunPaths.for_run(cfg.run.output_uri, "mix"))
+    assert {f["uri"]: f["read"] for f in m["files"]} == {str(tmp_path / "raw" / "a.jsonl"): 20,
+                                                        "s3://mix-bucket/raw/b.jsonl": 20}
+    assert m["counts"]["train"] + m["counts"]["eval"] == 40

@@ -17,6 +17,7 @@ and example rows, instead of letting a run burn GPU hours:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -55,8 +56,13 @@ def collator_keeps_eot_label(tok: "PreTrainedTokenizerBase", eot: int,
     return int(batch["labels"][0, 1]) == eot
 
 
-def tokenizer_checks(base: Path, cfg: PipelineConfig) -> dict[str, Any]:
-    """Checks on the tokenizer alone; raises DataError naming the failed one."""
+def tokenizer_checks(base: Path, cfg: PipelineConfig) -> Callable[[], dict[str, Any]]:
+    """Checks on the tokenizer alone; raises DataError naming the failed one.
+
+    The template checks run now. The collator check needs TRL, whose import
+    takes seconds, so it runs in a thread while Ray processes the rows; the
+    returned function waits for it and gives every result (or raises).
+    """
     from ray_qlora.modeling import load_tokenizer
 
     try:
@@ -69,11 +75,17 @@ def tokenizer_checks(base: Path, cfg: PipelineConfig) -> dict[str, Any]:
         "end_of_turn_token": tok.convert_ids_to_tokens(eot),
     }
     same = tok.pad_token_id == eot
-    if same and not collator_keeps_eot_label(tok, eot):
-        raise DataError("pre-flight check 'pad_vs_eos' failed: pad is the end-of-turn token and the training "
-                        "collator drops its labels; give the tokenizer a distinct pad token")
-    out["pad_vs_eos"] = {"passed": True, "pad_is_end_of_turn": same}
-    return out
+    pool = ThreadPoolExecutor(max_workers=1)
+    kept = pool.submit(collator_keeps_eot_label, tok, eot) if same else None
+    pool.shutdown(wait=False)
+
+    def result() -> dict[str, Any]:
+        if kept is not None and not kept.result():  # result() re-raises anything the check raised
+            raise DataError("pre-flight check 'pad_vs_eos' failed: pad is the end-of-turn token and the training "
+                            "collator drops its labels; give the tokenizer a distinct pad token")
+        return {**out, "pad_vs_eos": {"passed": True, "pad_is_end_of_turn": same}}
+
+    return result
 
 
 def row_checks(processed: "ray.data.Dataset") -> dict[str, Any]:

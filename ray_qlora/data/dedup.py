@@ -2,9 +2,9 @@
 
 Each row gets a list of keys (computed in parallel, in the row actors):
 
-- ``x:<hash>`` of its normalised text (case and whitespace folded): equal
-  keys are exact duplicates;
-- ``b<i>:<hash>`` of band i of its MinHash signature (word shingles,
+- a hash of its normalised text (case and whitespace folded): equal keys
+  are exact duplicates;
+- a hash of band i of its MinHash signature (word shingles,
   datasketch's MinHash; bands and rows per band from datasketch's MinHashLSH
   for the configured threshold): rows sharing a band key are near-duplicate
   candidates.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -36,6 +37,9 @@ _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)
 Duplicate = tuple[str, str]  # (uid of the row kept, reason)
 _SCHEME = "affine32"  # datasketch 2's default permutation scheme, named because shared permutations need it
+# Shingles are hashed to 32 bits with CRC-32 (C, deterministic across processes) instead of
+# datasketch's default SHA-1: hashing was most of the cost of a signature, and MinHash only
+# needs shingle hashes spread evenly, not cryptographic ones.
 
 
 def normalise(messages: list[dict[str, str]]) -> str:
@@ -64,30 +68,32 @@ def _permutations(num_perm: int) -> Any:
     # Generating the permutations is the slow part of a MinHash; share them.
     from datasketch import MinHash
 
-    return MinHash(num_perm=num_perm, seed=1, scheme=_SCHEME).permutations
+    return MinHash(num_perm=num_perm, seed=1, scheme=_SCHEME, hashfunc=zlib.crc32).permutations
 
 
 def signature(text: str, cfg: DedupConfig) -> "np.ndarray":
     """MinHash signature (num_perm uint64 values) of the text's word shingles."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=cfg.num_perm, seed=1, permutations=_permutations(cfg.num_perm), scheme=_SCHEME)
+    m = MinHash(num_perm=cfg.num_perm, seed=1, permutations=_permutations(cfg.num_perm), scheme=_SCHEME,
+                hashfunc=zlib.crc32)
     m.update_batch(_shingles(text, cfg.shingle_size))
     return m.hashvalues
 
 
-def _short(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+def _key(kind: bytes, data: bytes) -> int:
+    """A signed 64-bit key: Ray Data groups integers far faster than strings."""
+    return int.from_bytes(hashlib.blake2b(kind + data, digest_size=8).digest(), "little", signed=True)
 
 
-def dedup_keys(messages: list[dict[str, str]], cfg: DedupConfig) -> list[str]:
-    """The keys of one row: exact key, then one key per LSH band."""
+def dedup_keys(messages: list[dict[str, str]], cfg: DedupConfig) -> list[int]:
+    """The keys of one row: its exact key, then one key per LSH band."""
     text = normalise(messages)
-    keys = [f"x:{_short(text.encode())}"] if cfg.exact or cfg.near else []
+    keys = [_key(b"x", text.encode())] if cfg.exact or cfg.near else []
     if cfg.near:
         bands, rows = lsh_params(cfg.near_threshold, cfg.num_perm)
         sig = signature(text, cfg)
-        keys += [f"b{i}:{_short(sig[i * rows:(i + 1) * rows].tobytes())}" for i in range(bands)]
+        keys += [_key(b"b%d" % i, sig[i * rows:(i + 1) * rows].tobytes()) for i in range(bands)]
     return keys
 
 

@@ -80,8 +80,34 @@ def _glob_root(pattern: str) -> str:
     return pattern[:cut].rsplit("/", 1)[0]
 
 
-def _list(uri: str, cfg: StorageConfig) -> list[pafs.FileInfo]:
-    """FileInfos of the files a source names: the file, everything under the folder, or the glob's matches."""
+@dataclass(frozen=True)
+class _Entry:
+    path: str
+    size: int
+    mtime: str
+    problem: str | None = None  # why it cannot be read at all (a broken link...)
+
+
+def _walk_local(root: str) -> list[_Entry]:
+    """Every entry under a local folder, including those pyarrow's listing leaves out (broken links)."""
+    import os
+
+    out = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                out.append(_Entry(path, 0, "", "unreadable: broken symbolic link"))
+            elif not os.path.isfile(path):
+                out.append(_Entry(path, 0, "", "unreadable: not a regular file"))
+            else:
+                st = os.stat(path)
+                out.append(_Entry(path, st.st_size, str(st.st_mtime_ns)))
+    return out
+
+
+def _list(uri: str, cfg: StorageConfig) -> list[_Entry]:
+    """The entries a source names: the file, everything under the folder, or the glob's matches."""
     is_glob = any(c in uri for c in _GLOB_CHARS)
     root_uri = _glob_root(uri) if is_glob else uri
     fs, root = storage.resolve(root_uri, cfg)
@@ -89,12 +115,16 @@ def _list(uri: str, cfg: StorageConfig) -> list[pafs.FileInfo]:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data source {uri}: nothing at {root_uri}")
     if info.type == pafs.FileType.File:
-        return [info]
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+        return [_Entry(info.path, int(info.size or 0), str(info.mtime or ""))]
+    if isinstance(fs, pafs.LocalFileSystem):
+        entries = _walk_local(root)
+    else:
+        entries = [_Entry(i.path, int(i.size or 0), str(i.mtime or ""))
+                   for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
     if is_glob:
         _, pattern = storage.resolve(uri, cfg)
-        infos = [i for i in infos if fnmatch.fnmatchcase(i.path, pattern)]
-    return sorted(infos, key=lambda i: i.path)
+        entries = [e for e in entries if fnmatch.fnmatchcase(e.path, pattern)]
+    return sorted(entries, key=lambda e: e.path)
 
 
 def discover(sources: list[SourceConfig], cfg: StorageConfig) -> list[InputFile]:
@@ -102,20 +132,19 @@ def discover(sources: list[SourceConfig], cfg: StorageConfig) -> list[InputFile]
     out: list[InputFile] = []
     seen: dict[str, int] = {}
     for s_idx, src in enumerate(sources):
-        infos = _list(src.uri, cfg)
-        if not infos:
+        entries = _list(src.uri, cfg)
+        if not entries:
             raise FileNotFoundError(f"data source {src.uri}: no files match")
         prefix = "s3://" if src.uri.startswith("s3://") else ""
-        for info in infos:
-            kind, compression = file_kind(info.path)
-            uri = prefix + info.path
-            skip = _skip_reason(info.path, kind)
+        for e in entries:
+            kind, compression = file_kind(e.path)
+            uri = prefix + e.path
+            skip = e.problem or _skip_reason(e.path, kind)
             if skip is None and uri in seen:  # two sources overlap: read the file once
                 skip = f"already read as part of data source {seen[uri]}"
             seen.setdefault(uri, s_idx)
-            out.append(InputFile(
-                index=len(out), uri=uri, source=s_idx, kind=kind, compression=compression,
-                size=int(info.size or 0), mtime=str(info.mtime) if info.mtime else "", skip=skip))
+            out.append(InputFile(index=len(out), uri=uri, source=s_idx, kind=kind, compression=compression,
+                                 size=e.size, mtime=e.mtime, skip=skip))
     return out
 
 
