@@ -109,7 +109,7 @@ class DataConfig(_Strict):
     num_actors: int | Literal["auto"] = Field(
         "auto", description="Row-processing actors (one tokenizer each); 'auto' scales from 1 to the "
                             "cluster's CPUs.")
-    batch_size: int = Field(512, ge=1, description="Rows per Ray Data batch in row processing.")
+    batch_size: int = Field(2048, ge=1, description="Rows per Ray Data block in row processing.")
     cache: bool = Field(True, description="Reuse an earlier prepare of the same inputs and settings.")
 
     @field_validator("dedup", mode="before")

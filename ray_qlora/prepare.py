@@ -1,11 +1,12 @@
 """Stage 1, prepare: raw instruction files -> tokenized train/eval shards (Ray Data).
 
 discover files (data/sources.py; every file read or listed with why not)
--> read each file into raw rows (one Ray task per file, streamed)
--> parse + normalise + validate + template/tokenize/mask + dedup keys
-   (an autoscaling pool of actors, one tokenizer each)
+-> in an actor pool (one tokenizer per actor, one file per task, streamed):
+   read the file into raw rows, parse + normalise + validate +
+   template/tokenize/mask + dedup keys
 -> pre-flight checks (data/checks.py): a failure stops the stage
--> duplicates (data/dedup.py): keys counted by Ray Data, groups resolved
+-> duplicates (data/dedup.py): keys held by 2+ rows found from the key
+   column, those rows' groups verified and resolved
 -> buckets: train / eval (seeded hash of the content) / quarantine / duplicate
 -> mixing weights on train, packing (data/packing.py), Parquet shards,
    quarantine and duplicates with reasons, manifest.json.
@@ -13,8 +14,8 @@ discover files (data/sources.py; every file read or listed with why not)
 Nothing is dropped silently: every row read ends in exactly one bucket, the
 manifest reconciles ``read = train + eval + quarantine + duplicates`` per file
 and in total, and the stage fails if it does not. Statistics come from Ray
-Data aggregations; the driver holds file lists, counts and the rows that
-collide on a dedup key, never the dataset. A fingerprint of the inputs and
+Data aggregations; the driver holds file lists, counts, the dedup key column
+(8 bytes a key) and the rows that collide on a key, never the dataset. A fingerprint of the inputs and
 the data/tokenizer settings lets a re-run reuse an earlier result.
 """
 
@@ -138,7 +139,8 @@ class _RowProcessor:
         return pa.Table.from_pydict(out, schema=self.schema)
 
 
-def _read_files(batch: dict[str, Any], files: list[dict[str, Any]], storage_json: str) -> Iterator["pa.Table"]:
+def _read_files(batch: dict[str, Any], files: list[dict[str, Any]], storage_json: str,
+                batch_rows: int) -> Iterator["pa.Table"]:
     """Ray Data UDF over a batch of file indices: every raw row of those files, streamed."""
     import pyarrow as pa
 
@@ -147,7 +149,7 @@ def _read_files(batch: dict[str, Any], files: list[dict[str, Any]], storage_json
                         ("record", pa.string()), ("raw", pa.string()), ("reason", pa.string())])
     for index in batch["index"]:
         f = sources.InputFile(**files[int(index)])
-        for cols in sources.read_file(f, cfg):
+        for cols in sources.read_file(f, cfg, batch_rows):
             yield pa.Table.from_pydict(cols, schema=schema)
 
 
@@ -184,6 +186,9 @@ def _stage_data_context() -> Iterator[None]:
     previous = DataContext.get_current()
     scoped = copy.deepcopy(previous)
     scoped.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # The actor pool's inputs are file indices (each actor reads its file itself), so
+    # placing tasks by where their input blocks live gains nothing and costs a tracker actor.
+    scoped.execution_options.actor_locality_enabled = False
     DataContext._set_current(scoped)
     try:
         yield
@@ -502,13 +507,20 @@ def _bucketize(processed: "ray.data.Dataset", duplicates: dict[str, dedup.Duplic
 
 
 def _process(readable: list[sources.InputFile], cfg: PipelineConfig) -> "ray.data.Dataset":
-    """Files -> raw rows (a task per file) -> processed rows (the actor pool), held by Ray."""
+    """Files -> processed rows, held by Ray.
+
+    The reader is fused into the actor pool: each actor task reads one whole
+    file and processes its rows in batches of data.batch_size, streaming. With
+    a row batch size here instead, Ray would bundle many one-row file-index
+    blocks into one task and one actor would read every file.
+    """
     import ray.data
 
     files = ray.data.from_items([{"index": f.index} for f in readable], override_num_blocks=len(readable))
     raw = files.map_batches(_read_files, batch_size=1, batch_format="numpy",
                             fn_kwargs={"files": [f.to_dict() for f in readable],
-                                       "storage_json": cfg.storage.model_dump_json()})
+                                       "storage_json": cfg.storage.model_dump_json(),
+                                       "batch_rows": cfg.data.batch_size})
     return raw.map_batches(
         _RowProcessor, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
         concurrency=_actor_pool(cfg), batch_size=None, batch_format="pyarrow").materialize()

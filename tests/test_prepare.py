@@ -226,7 +226,11 @@ def test_clean_data_with_weights_and_packing(tmp_path: Path, tiny_model_dir: Pat
     cfg = _cfg(tmp_path, tiny_model_dir, packing=True,
                sources=[{"uri": str(tmp_path / "more" / "*.jsonl"), "weight": 2.0}])
     run = RunPaths.for_run(cfg.run.output_uri, "clean")
+    from ray.data import DataContext
+
+    strategy = DataContext.get_current().shuffle_strategy
     m = prepare(cfg, run)  # no bad rows, no duplicates: an empty quarantine is not an error
+    assert DataContext.get_current().shuffle_strategy == strategy, "prepare's shuffle choice stays in the stage"
     assert m["counts"]["quarantine"] == 0 and m["counts"]["duplicate"] == 0 and m["quarantine_reasons"] == {}
     mix = {Path(x["source"]).name: x for x in m["mixing"]}
     assert mix["*.jsonl"]["train_uses"] == 2 * mix["*.jsonl"]["train_examples"]

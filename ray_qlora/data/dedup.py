@@ -1,4 +1,4 @@
-"""Exact and near-duplicate detection that scales: keys per row, groups found by Ray Data.
+"""Exact and near-duplicate detection that scales: integer keys per row, only collisions resolved.
 
 Each row gets a list of keys (computed in parallel, in the row actors):
 
@@ -9,13 +9,13 @@ Each row gets a list of keys (computed in parallel, in the row actors):
   for the configured threshold): rows sharing a band key are near-duplicate
   candidates.
 
-Ray Data then counts rows per key (a vectorised aggregation, no per-group
-Python), and only keys held by more than one row reach the driver, with the
-uids holding them. ``resolve`` verifies candidates (exact key equal, or the
-estimated Jaccard similarity of the two signatures at or above the
-threshold), joins verified pairs into groups, and keeps the first row of
-each group by uid (file order, then line order). So the driver holds the
-colliding rows, never the dataset.
+prepare counts the keys (only the 64-bit key column reaches the driver;
+numpy counts millions in under a second), then fetches just the rows that
+hold a key shared with another row. ``resolve`` verifies those candidates
+(equal normalised text, or the estimated Jaccard similarity of the two
+signatures at or above the threshold), joins verified pairs into groups,
+and keeps the first row of each group by uid (file order, then line
+order). So the driver holds keys and the colliding rows, never the dataset.
 """
 
 from __future__ import annotations
