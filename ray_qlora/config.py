@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,7 +106,7 @@ class DataConfig(_Strict):
     packing: bool = Field(
         False, description="Pack train examples into rows of max_seq_length (best-fit); attention stays "
                            "within each example.")
-    num_actors: int | Literal["auto"] = Field(
+    num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Row-processing actors (one tokenizer each); 'auto' scales from 1 to the "
                             "cluster's CPUs.")
     batch_size: int = Field(2048, ge=1, description="Rows per Ray Data block in row processing.")

@@ -81,6 +81,7 @@ def _stage_fns(run: Run) -> dict[str, Callable[[], dict[str, Any]]]:
 
     def _tune() -> dict[str, Any]:
         from ray_qlora.tune import tune
+        run.output("prepare")  # trials need the prepared shards: say so before starting any
         return tune(cfg, paths)
 
     def _merge() -> dict[str, Any]:
@@ -89,6 +90,7 @@ def _stage_fns(run: Run) -> dict[str, Callable[[], dict[str, Any]]]:
 
     def _evaluate() -> dict[str, Any]:
         from ray_qlora.evaluate import evaluate
+        run.output("merge")
         return evaluate(cfg, paths)
 
     def _serve() -> dict[str, Any]:

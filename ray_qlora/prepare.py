@@ -419,6 +419,8 @@ def _write_train(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.Ru
     """Train rows, weighted by their source, packed when configured; returns the row statistics."""
     from ray.data.expressions import col
 
+    from ray_qlora.data.packing import packing_efficiency
+
     train = final.filter(expr=col("repeats") > 0).map_batches(_expand_repeats, batch_format="pyarrow")
     max_len = cfg.data.max_seq_length
     if cfg.data.packing:
@@ -434,13 +436,13 @@ def _write_train(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.Ru
         _write(train, cols, run.train, cfg)
     return {"rows": rows, "tokens": tokens, "label_tokens": int(train.sum("num_label_tokens") or 0) if rows else 0,
             "packed": cfg.data.packing,
-            "efficiency": round(tokens / (rows * max_len), 4) if rows and cfg.data.packing else None}
+            "efficiency": round(packing_efficiency(tokens, rows, max_len), 4) if cfg.data.packing else None}
 
 
 def _discover(cfg: PipelineConfig) -> list[sources.InputFile]:
     try:
         files = sources.discover(cfg.data.all_sources(), cfg.storage)
-    except FileNotFoundError as err:
+    except OSError as err:  # nothing there, no such bucket, no access: the user's to fix
         raise DataError(f"data: {err}") from None
     if not any(f.skip is None for f in files):
         listed = "; ".join(f"{f.uri}: {f.skip}" for f in files[:5])
