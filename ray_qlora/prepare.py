@@ -31,7 +31,7 @@ from ray_qlora import storage
 from ray_qlora.config import PipelineConfig, StorageConfig
 from ray_qlora.data import checks, dedup, sources
 from ray_qlora.data.formats import RowError, normalize_row
-from ray_qlora.data.templating import end_of_turn_id, tokenize_conversation
+from ray_qlora.data.templating import end_of_turn_id, tokenize_conversations
 from ray_qlora.errors import DataError
 
 if TYPE_CHECKING:
@@ -103,40 +103,47 @@ class _RowProcessor:
         self.formats = [s.format or d.format for s in d.all_sources()]
         self.schema = _processed_schema()
 
-    def _tokenized(self, raw: str, source: int) -> dict[str, Any]:
-        d = self.cfg.data
+    def _parsed(self, record: str, raw: str, reason: str, source: int) -> list[dict[str, str]] | str:
+        """A data row's normalised messages, or why it goes to quarantine ('' for a file record)."""
+        if record == "file" or reason:  # a file's status record, or a row the reader rejected (not UTF-8)
+            return reason
         try:
             row = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise RowError(f"invalid JSON: {err.msg} at char {err.pos}") from None
-        msgs = normalize_row(row, self.formats[source], d.system_prompt, d.allow_text)
-        out = tokenize_conversation(self.tok, msgs, d.max_seq_length, d.length_policy, self.eot)
-        return {**out, "status": "ok", "messages": json.dumps(msgs, ensure_ascii=False),
-                "content_hash": content_hash(msgs), "dedup_keys": dedup.dedup_keys(msgs, d.dedup)}
-
-    def _one(self, record: str, raw: str, reason: str, source: int) -> dict[str, Any]:
-        empty = {"status": "quarantine", "reason": reason, "messages": "", "content_hash": "", "dedup_keys": [],
-                 "input_ids": [], "labels": [], "num_tokens": 0, "num_label_tokens": 0, "check_failures": []}
-        if record == "file":  # a file's status record travels through untouched
-            return {**empty, "status": "file"}
-        if reason:  # the reader already rejected it (not UTF-8)
-            return empty
+            return f"invalid JSON: {err.msg} at char {err.pos}"
+        d = self.cfg.data
         try:
-            return {**self._tokenized(raw, source), "reason": ""}
+            return normalize_row(row, self.formats[source], d.system_prompt, d.allow_text)
         except RowError as err:
-            return {**empty, "reason": str(err)}
+            return str(err)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         import pyarrow as pa
 
+        d = self.cfg.data
         cols = batch.to_pydict()
-        rows = [self._one(*args) for args in zip(cols["record"], cols["raw"], cols["reason"], cols["source"])]
-        out = {name: cols[name] for name in sources.RAW_COLUMNS if name != "reason"}
-        out["check_failed"] = [bool(r["check_failures"]) for r in rows]
+        parsed = [self._parsed(*args) for args in zip(cols["record"], cols["raw"], cols["reason"], cols["source"])]
+        convs = [p for p in parsed if isinstance(p, list)]
+        tokenized = iter(tokenize_conversations(self.tok, convs, d.max_seq_length, d.length_policy, self.eot))
+        empty = {"status": "quarantine", "reason": "", "messages": "", "content_hash": "", "dedup_keys": [],
+                 "input_ids": [], "labels": [], "num_tokens": 0, "num_label_tokens": 0, "check_failures": []}
+        rows: list[dict[str, Any]] = []
+        for record, p in zip(cols["record"], parsed):
+            if record == "file":  # a file's status record travels through untouched
+                rows.append({**empty, "status": "file", "reason": p})
+                continue
+            out = next(tokenized) if isinstance(p, list) else RowError(p)
+            if isinstance(out, RowError):
+                rows.append({**empty, "reason": str(out)})
+                continue
+            rows.append({**out, "status": "ok", "reason": "", "messages": json.dumps(p, ensure_ascii=False),
+                         "content_hash": content_hash(p), "dedup_keys": dedup.dedup_keys(p, d.dedup)})
+        out_cols = {name: cols[name] for name in sources.RAW_COLUMNS if name != "reason"}
+        out_cols["check_failed"] = [bool(r["check_failures"]) for r in rows]
         for name in self.schema.names:
-            if name not in out:
-                out[name] = [r[name] for r in rows]
-        return pa.Table.from_pydict(out, schema=self.schema)
+            if name not in out_cols:
+                out_cols[name] = [r[name] for r in rows]
+        return pa.Table.from_pydict(out_cols, schema=self.schema)
 
 
 def _read_files(batch: dict[str, Any], files: list[dict[str, Any]], storage_json: str,

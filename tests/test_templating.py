@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ray_qlora.data.formats import RowError
-from ray_qlora.data.templating import IGNORE_INDEX, tokenize_conversation
+from ray_qlora.data.templating import IGNORE_INDEX, tokenize_conversation, tokenize_conversations
 from ray_qlora.modeling import load_tokenizer
 
 
@@ -64,3 +64,33 @@ def test_truncation_that_removes_every_answer_token_fails(tok) -> None:  # noqa:
     msgs = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]
     with pytest.raises(RowError, match="no assistant tokens"):
         tokenize_conversation(tok, msgs, max_len=32, policy="truncate")
+
+
+def test_inference_prompt_tokens_are_a_prefix_of_the_training_ids(tok) -> None:  # noqa: ANN001
+    # the server tokenizes the rendered prompt as one string; training must start with exactly those ids
+    history = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Order: 5 mg daily"}]
+    msgs = [*history, {"role": "assistant", "content": '{"dose": "5 mg"}'}]
+    prompt = tok(tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    out = tokenize_conversation(tok, msgs, max_len=256)
+    assert out["input_ids"][:len(prompt)] == prompt
+    assert all(lab == IGNORE_INDEX for lab in out["labels"][:len(prompt)])
+    assert out["labels"][len(prompt)] != IGNORE_INDEX  # the answer's first token is learned
+
+
+def test_a_batch_gives_what_each_row_gives_alone(tok) -> None:  # noqa: ANN001
+    convs = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [{"role": "text", "content": "A document about dosing."}],
+        [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}],  # too long
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}],
+    ]
+    batch = tokenize_conversations(tok, convs, max_len=64)
+    assert isinstance(batch[2], RowError) and "too long" in str(batch[2])
+    for msgs, got in zip(convs, batch):
+        if isinstance(got, RowError):
+            continue
+        assert got == tokenize_conversation(tok, msgs, max_len=64)
+    assert _labelled_text(tok, batch[3]) == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
+    assert batch[1]["num_label_tokens"] == batch[1]["num_tokens"]  # plain text: every token learned

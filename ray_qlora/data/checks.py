@@ -7,8 +7,8 @@ and example rows, instead of letting a run burn GPU hours:
 - per row (computed in the row actors by data/templating.py):
   ``end_of_turn_labelled`` (each assistant turn's end-of-turn token carries a
   label, or the model never learns to stop), ``generation_prompt_is_prefix``
-  (the prompt the server builds at inference is an exact prefix of the
-  training render, or serving sees token sequences training never did),
+  (the prompt the server builds at inference is a prefix of the
+  training render, or serving sends text training never showed),
   ``label_mask_nonempty`` (an example with nothing to learn from);
 - per tokenizer: ``chat_template`` (the tokenizer has one, or the config
   names one), ``pad_vs_eos`` (when pad is the end-of-turn token, the collator

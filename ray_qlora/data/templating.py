@@ -4,10 +4,12 @@ The loss must teach the model to answer, not to echo prompts: every token
 outside an assistant turn gets label -100. The end-of-turn token that closes
 each assistant turn keeps its label, or the model never learns to stop.
 
-Spans are found by rendering the conversation up to each assistant turn with
-``add_generation_prompt=True``: that is the prompt the server builds at
-inference, so it must be an exact token prefix of the training render, and
-the answer starts where it ends. Whether it is, and whether each turn's
+Answers are found by rendering the conversation up to each assistant turn
+with ``add_generation_prompt=True``: that is the prompt the server builds at
+inference, so it must be a prefix of the training render, and the answer
+starts where it ends. The render is cut there and at each answer's end, and
+the pieces are tokenized on their own, so a prompt's tokens are the ones the
+server sends. Whether the prompt is a prefix, and whether each turn's
 end-of-turn token got its label, is recorded per row as a check failure;
 ``data/checks.py`` turns those into a stage failure before any training.
 
@@ -33,6 +35,7 @@ __all__ = [
     "end_of_turn_id",
     "set_chat_template",
     "tokenize_conversation",
+    "tokenize_conversations",
 ]
 
 IGNORE_INDEX = -100
@@ -110,40 +113,128 @@ def end_of_turn_id(tok: "PreTrainedTokenizerBase") -> int:
 
 
 def _render(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]], gen_prompt: bool) -> list[int]:
-    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(_render_text(tok, msgs, gen_prompt), add_special_tokens=False)["input_ids"]
 
 
-def _tokenize_text(tok: "PreTrainedTokenizerBase", text: str) -> tuple[list[int], list[int], list[str]]:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        ids = ids + [int(tok.eos_token_id)]  # the model learns where a document ends
-    return ids, list(ids), []
+def _render_text(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]], gen_prompt: bool) -> str:
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
 
 
-def _tokenize_chat(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]],
-                   eot: int) -> tuple[list[int], list[int], list[str]]:
-    ids = _render(tok, msgs, gen_prompt=False)
-    labels = [IGNORE_INDEX] * len(ids)
+# A conversation split into text pieces at its turn boundaries: (text, labelled).
+_Pieces = list[tuple[str, bool]]
+
+
+def _chat_pieces(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]]) -> tuple[_Pieces, list[str]]:
+    """The training render cut at each assistant turn's start (where the inference prompt ends) and end.
+
+    An answer piece runs from the end of the inference prompt for that turn
+    (``add_generation_prompt=True`` on the turns before it) to the end of the
+    render through that turn. A prompt that is not a text prefix of the
+    render is a check failure: the server would prompt with text the model
+    never saw in training.
+    """
+    full = _render_text(tok, msgs, gen_prompt=False)
+    cuts: list[tuple[int, int]] = []
     failures: list[str] = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tok, msgs[:i], gen_prompt=True)
-        upto = ids if i == len(msgs) - 1 else _render(tok, msgs[: i + 1], gen_prompt=False)
+        prompt = _render_text(tok, msgs[:i], gen_prompt=True)
+        upto = full if i == len(msgs) - 1 else _render_text(tok, msgs[: i + 1], gen_prompt=False)
         start, end = len(prompt), len(upto)
-        if ids[:start] != prompt or ids[:end] != upto or start > end:
+        if not (full.startswith(prompt) and full.startswith(upto) and start <= end) or (cuts and start < cuts[-1][1]):
             failures.append(CHECK_PROMPT_PREFIX)
             continue
-        # Label through the end-of-turn token, not the whitespace the template puts after it.
-        span = ids[start:end]
-        if eot not in span:
+        cuts.append((start, end))
+    pieces: _Pieces = []
+    at = 0
+    for start, end in cuts:
+        pieces += [(full[at:start], False), (full[start:end], True)]
+        at = end
+    pieces.append((full[at:], False))
+    return [(text, labelled) for text, labelled in pieces if text], failures
+
+
+def _assemble(piece_ids: list[list[int]], pieces: _Pieces, eot: int) -> tuple[list[int], list[int], list[str]]:
+    """Token ids and labels from tokenized pieces: an answer is labelled through its last end-of-turn token."""
+    ids: list[int] = []
+    labels: list[int] = []
+    failures: list[str] = []
+    for tokens, (_, labelled) in zip(piece_ids, pieces):
+        ids += tokens
+        if not labelled:
+            labels += [IGNORE_INDEX] * len(tokens)
+        elif eot in tokens:  # not the whitespace the template puts after it
+            stop = len(tokens) - tokens[::-1].index(eot)
+            labels += tokens[:stop] + [IGNORE_INDEX] * (len(tokens) - stop)
+        else:
             failures.append(CHECK_EOT_LABELLED)
-            labels[start:end] = span
-            continue
-        stop = start + len(span) - span[::-1].index(eot)
-        labels[start:stop] = ids[start:stop]
-    return ids, labels, sorted(set(failures))
+            labels += tokens
+    return ids, labels, failures
+
+
+def _finish(ids: list[int], labels: list[int], failures: list[str], max_len: int, policy: str) -> dict[str, Any]:
+    if len(ids) > max_len:
+        if policy == "quarantine":
+            raise RowError(f"too long: {len(ids)} tokens > data.max_seq_length={max_len}")
+        ids, labels = ids[:max_len], labels[:max_len]
+        if all(x == IGNORE_INDEX for x in labels):
+            raise RowError(f"no assistant tokens left after truncation to data.max_seq_length={max_len}")
+    n_label = sum(1 for x in labels if x != IGNORE_INDEX)
+    if n_label == 0:
+        failures = [*failures, CHECK_LABELS_NONEMPTY]
+    return {"input_ids": ids, "labels": labels, "num_tokens": len(ids), "num_label_tokens": n_label,
+            "check_failures": sorted(set(failures))}
+
+
+def tokenize_conversations(
+    tok: "PreTrainedTokenizerBase",
+    convs: list[list[dict[str, str]]],
+    max_len: int,
+    policy: str = "quarantine",
+    eot: int | None = None,
+) -> list[dict[str, Any] | RowError]:
+    """Conversations -> per conversation {input_ids, labels, num_tokens, num_label_tokens,
+    check_failures}, or the RowError that puts it in quarantine.
+
+    Each piece of text is tokenized once, and every piece of every
+    conversation goes to the tokenizer in one call; row by row, with the
+    prompt tokenized again beside the whole render, tokenizing cost about
+    twice as much. Pieces are tokenized on their own (as LLaMA-Factory does):
+    the ids of a turn's prompt are then exactly what the server sends for
+    it, which tokenizing the whole render does not promise at a boundary.
+
+    ``policy`` decides an example over ``max_len``: 'quarantine' gives
+    RowError, 'truncate' cuts it (RowError only if no label survives).
+    ``check_failures`` names the template checks the row failed; those are
+    the template's fault, not the row's, so they stop the stage instead of
+    quarantining the row.
+    """
+    eot = end_of_turn_id(tok) if eot is None else eot
+    split: list[tuple[_Pieces, list[str]]] = []
+    for msgs in convs:
+        if msgs[0]["role"] == TEXT_ROLE:  # continued pre-training: every token, plus eos to end the document
+            split.append(([(msgs[0]["content"], True)], []))
+        else:
+            split.append(_chat_pieces(tok, msgs))
+    texts = [text for pieces, _ in split for text, _ in pieces]
+    encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out: list[dict[str, Any] | RowError] = []
+    at = 0
+    for msgs, (pieces, failures) in zip(convs, split):
+        piece_ids = encoded[at:at + len(pieces)]
+        at += len(pieces)
+        if msgs[0]["role"] == TEXT_ROLE:
+            ids = piece_ids[0] + ([int(tok.eos_token_id)] if tok.eos_token_id is not None else [])
+            labels = list(ids)
+        else:
+            ids, labels, more = _assemble(piece_ids, pieces, eot)
+            failures = failures + more
+        try:
+            out.append(_finish(ids, labels, failures, max_len, policy))
+        except RowError as err:
+            out.append(err)
+    return out
 
 
 def tokenize_conversation(
@@ -153,26 +244,8 @@ def tokenize_conversation(
     policy: str = "quarantine",
     eot: int | None = None,
 ) -> dict[str, Any]:
-    """Messages -> {input_ids, labels, num_tokens, num_label_tokens, check_failures}.
-
-    ``policy`` decides an example over ``max_len``: 'quarantine' raises
-    RowError, 'truncate' cuts it (and raises only if no label survives).
-    ``check_failures`` names the template checks this row failed; those are
-    the template's fault, not the row's, so they stop the stage instead of
-    quarantining the row.
-    """
-    if msgs[0]["role"] == TEXT_ROLE:
-        ids, labels, failures = _tokenize_text(tok, msgs[0]["content"])
-    else:
-        ids, labels, failures = _tokenize_chat(tok, msgs, end_of_turn_id(tok) if eot is None else eot)
-    if len(ids) > max_len:
-        if policy == "quarantine":
-            raise RowError(f"too long: {len(ids)} tokens > data.max_seq_length={max_len}")
-        ids, labels = ids[:max_len], labels[:max_len]
-        if all(x == IGNORE_INDEX for x in labels):
-            raise RowError(f"no assistant tokens left after truncation to data.max_seq_length={max_len}")
-    n_label = sum(1 for x in labels if x != IGNORE_INDEX)
-    if n_label == 0:
-        failures = sorted({*failures, CHECK_LABELS_NONEMPTY})
-    return {"input_ids": ids, "labels": labels, "num_tokens": len(ids), "num_label_tokens": n_label,
-            "check_failures": failures}
+    """One conversation through ``tokenize_conversations``; raises its RowError."""
+    out = tokenize_conversations(tok, [msgs], max_len, policy, eot)[0]
+    if isinstance(out, RowError):
+        raise out
+    return out
