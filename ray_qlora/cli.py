@@ -25,12 +25,20 @@ def _validate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from ray_qlora.plan import GIB, plan_for_cli
+
+    report = plan_for_cli(cfg, args.params, None if args.gpu_memory_gb is None else args.gpu_memory_gb * GIB)
+    print(report.text)
+    return 0 if report.fits is not False else 1
+
+
 def _stage(name: str) -> Callable[[PipelineConfig, argparse.Namespace], int]:
     def run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         from ray_qlora.pipeline import Run, connect_ray, run_stage
 
         connect_ray(cfg)
-        result = run_stage(Run(cfg, args.run_id), name)
+        result = run_stage(Run(cfg, args.run_id, resume=getattr(args, "resume", False)), name)
         if name == "evaluate":
             print(result["table"])
         if name == "serve":
@@ -66,6 +74,7 @@ def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 VERBS: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], int]]] = {
     "validate": ("check a config without running anything", _validate),
+    "plan": ("estimate a trial's peak GPU memory: does it fit, and the largest micro-batch that does", _plan),
     "run": ("run every stage, prepare through serve", _run),
     "prepare": ("raw data -> tokenized train/eval shards + quarantine (Ray Data)", _stage("prepare")),
     "tune": ("parallel QLoRA trials, best adapter picked (Ray Tune)", _stage("tune")),
@@ -83,6 +92,17 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="pipeline YAML file")
         sp.add_argument("--run-id", help="run folder name (default: run.run_id, else a timestamp)")
         sp.add_argument("--no-wait", action="store_true", help="return after deploying even on a local Ray")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)")
+        if verb == "tune":
+            sp.add_argument("--resume", action="store_true",
+                            help="finish an interrupted search of this run (same trials, from their checkpoints)")
+        if verb == "plan":
+            sp.add_argument("--gpu-memory-gb", type=float,
+                            help="memory of the GPU to plan for, as cards are labelled (24 for a 24 GB card); "
+                                 "default: this machine's GPU, else common cards")
+            sp.add_argument("--params", type=float,
+                            help="plan for a Llama-shape model of this many parameters (e.g. 7e9), no weights needed")
     d = sub.add_parser("demo", help="the embedded default: local S3 + local Ray + SmolLM2 + sample data")
     d.add_argument("config", nargs="?", default="jobs/configs/demo.yaml")
     return p
@@ -97,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
             demo(args.config)
             return 0
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
         return VERBS[args.verb][1](cfg, args)
     except UserError as err:  # the user's to fix: the message, not a traceback
         print(f"error: {err}", file=sys.stderr)

@@ -22,6 +22,8 @@ __all__ = [
     "PipelineConfig",
     "load_config",
     "parse_config",
+    "parse_overrides",
+    "tunable_path",
 ]
 
 
@@ -103,9 +105,9 @@ class DataConfig(_Strict):
     length_policy: Literal["quarantine", "truncate"] = Field(
         "quarantine", description="What to do with an example over max_seq_length.")
     dedup: DedupConfig = DedupConfig()
-    packing: bool = Field(
-        False, description="Pack train examples into rows of max_seq_length (best-fit); attention stays "
-                           "within each example.")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Pack train examples into rows of max_seq_length (best-fit); attention stays "
+                            "within each example. 'auto': packed when the cluster has GPUs.")
     num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Row-processing actors (one tokenizer each); 'auto' scales from 1 to the "
                             "cluster's CPUs.")
@@ -148,19 +150,38 @@ class LoraConfig(_Strict):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear', a list of module names, or those names comma-separated "
+                                  "(how a search choice gives them).")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all-linear":
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
 
 
 class TrainingConfig(_Strict):
     num_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use num_epochs).")
-    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="Per-device micro-batch (rows); 'auto': the largest the memory planner fits on the "
+                       "trial's GPU, capped at max_auto_batch_size (8 on a CPU).")
+    max_auto_batch_size: int = Field(16, ge=1, description="Cap on an 'auto' micro-batch.")
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="'paged_adamw_8bit' keeps AdamW's moments in 8 bits (CUDA only).")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in backward; 'auto': off when the planner says they fit "
+                            "on the trial's GPU (about 1.8x faster), off on a CPU (recompute costs more there).")
+    use_liger: bool | Literal["auto"] = Field(
+        "auto", description="liger-kernel's fused Triton kernels (the 'gpu' extra); 'auto': on when installed "
+                            "and the trial has a GPU.")
     eval_steps: int = Field(10, ge=1, description="Evaluate and report to Tune every N steps.")
     eval_max_examples: int | None = Field(
         None, ge=1, description="Held-out examples scored at each in-training eval (all when unset).")
@@ -174,12 +195,15 @@ class SearchDim(_Strict):
     choice: list[Any] | None = Field(None, description="Values sampled at random.")
     loguniform: tuple[float, float] | None = Field(None, description="[low, high] sampled log-uniformly.")
     uniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly.")
+    randint: tuple[int, int] | None = Field(None, description="[low, high] integers, both ends included.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SearchDim":
-        set_ = [k for k in ("values", "choice", "loguniform", "uniform") if getattr(self, k) is not None]
+        set_ = [k for k in ("values", "choice", "loguniform", "uniform", "randint") if getattr(self, k) is not None]
         if len(set_) != 1:
-            raise ValueError("give exactly one of values, choice, loguniform, uniform")
+            raise ValueError("give exactly one of values, choice, loguniform, uniform, randint")
+        if self.randint is not None and self.randint[0] > self.randint[1]:
+            raise ValueError("randint: low must not be above high")
         for k in ("loguniform", "uniform"):
             rng = getattr(self, k)
             if rng is not None and not rng[0] < rng[1]:
@@ -188,8 +212,16 @@ class SearchDim(_Strict):
             raise ValueError("loguniform: low must be > 0")
         return self
 
+    def examples(self) -> list[Any]:
+        """Values this dimension can give, ends of ranges included: what validation tries."""
+        for listed in (self.values, self.choice):
+            if listed is not None:
+                return list(listed)
+        return list(self.loguniform or self.uniform or self.randint or ())
 
-# Keys a trial may override, mapped to the config section they live in.
+
+# Short names for the most tuned keys; any other field of `training` or `lora` is tunable by its dotted
+# name (training.warmup_ratio, lora.target_modules...).
 TUNABLE_KEYS: dict[str, tuple[str, str]] = {
     "learning_rate": ("training", "learning_rate"),
     "num_epochs": ("training", "num_epochs"),
@@ -217,16 +249,52 @@ class TuneConfig(_Strict):
     cpus_per_trial: int = Field(1, ge=1)
     gpus_per_trial: float | Literal["auto"] = Field(
         "auto", description="'auto': 1 when the cluster has GPUs, else 0.")
-    metric: Literal["eval_loss"] = "eval_loss"
+    metric: Literal["eval_loss", "eval_mean_token_accuracy"] = Field(
+        "eval_loss", description="What picks the best trial and drives ASHA (loss: lower is better; "
+                                 "token accuracy: higher).")
     asha: AshaConfig = AshaConfig()
+    search_algorithm: Literal["random", "optuna"] = Field(
+        "random", description="'random': grid and random sampling (Tune's default); 'optuna': Optuna's TPE "
+                              "through Tune (the 'search' extra).")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop the search after this many seconds.")
+    max_failures: int = Field(
+        2, ge=0, description="Retries of a trial whose worker died; it resumes from its last checkpoint.")
+    cluster_autoscales: bool = Field(
+        False, description="The cluster adds nodes on demand: do not refuse a trial no current node can hold.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of the trials' GPUs for the pre-flight plan; measured on a GPU "
+                                "node when unset.")
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return "min" if self.metric.endswith("loss") else "max"
 
     @field_validator("search_space")
     @classmethod
     def _known_keys(cls, v: dict[str, SearchDim]) -> dict[str, SearchDim]:
-        unknown = sorted(set(v) - set(TUNABLE_KEYS))
+        unknown = sorted(k for k in v if tunable_path(k) is None)
         if unknown:
-            raise ValueError(f"unknown search key(s) {unknown}; tunable: {sorted(TUNABLE_KEYS)}")
+            raise ValueError(f"unknown search key(s) {unknown}; tunable: any training.* or lora.* key, "
+                             f"or {sorted(TUNABLE_KEYS)}")
         return v
+
+    @model_validator(mode="after")
+    def _searcher_fits_space(self) -> "TuneConfig":
+        if self.search_algorithm == "optuna":
+            grid = sorted(k for k, d in self.search_space.items() if d.values is not None)
+            if grid:
+                raise ValueError(f"search_space {grid}: grid 'values' cannot be used with search_algorithm: "
+                                 "optuna (Optuna samples); use 'choice'")
+        return self
+
+
+def tunable_path(key: str) -> tuple[str, str] | None:
+    """(section, field) a search key sets: a short name, or training.<field> / lora.<field>."""
+    if key in TUNABLE_KEYS:
+        return TUNABLE_KEYS[key]
+    section, _, name = key.partition(".")
+    model = {"training": TrainingConfig, "lora": LoraConfig}.get(section)
+    return (section, name) if model is not None and name in model.model_fields else None
 
 
 class MergeConfig(_Strict):
@@ -293,28 +361,48 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
 
+    @model_validator(mode="after")
+    def _search_values_valid(self) -> "PipelineConfig":
+        for key, dim in self.tune.search_space.items():
+            section, name = tunable_path(key)  # type: ignore[misc]
+            current = getattr(self, section).model_dump()
+            for value in dim.examples():
+                try:
+                    type(getattr(self, section)).model_validate({**current, name: value})
+                except ValidationError as err:
+                    msg = err.errors()[0]["msg"]
+                    raise ValueError(f"tune.search_space.{key}: {value!r} is not a valid {section}.{name} "
+                                     f"({msg})") from None
+        return self
+
     def with_overrides(self, overrides: dict[str, Any]) -> "PipelineConfig":
         """A copy with ``{"training.learning_rate": 1e-3, ...}`` applied and re-validated."""
-        data = self.model_dump()
-        for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-        return parse_config(data)
+        return parse_config(_apply_overrides(self.model_dump(), overrides))
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Put each dotted key's value into a config dict (sections created as needed; validation comes after)."""
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"invalid config: {dotted}: {p!r} is a value, not a section")
+        node[leaf] = value
+    return data
 
 
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; unknown keys are rejected)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
+        lines.append(f"  {msg}" if key == "<root>" else f"  {key}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -344,8 +432,22 @@ def _expand_env(text: str) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", repl, text)
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read a YAML config file (with ${ENV} expansion) and validate it."""
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["training.learning_rate=1e-4", ...]`` (the CLI's --set) -> {dotted key: value parsed as YAML}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or "." not in key:
+            raise ConfigError(f"invalid --set {item!r}: write section.key=value, e.g. training.learning_rate=1e-4")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"invalid --set {item!r}: the value is not valid YAML: {err}") from None
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config file (with ${ENV} expansion), apply --set overrides, and validate it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -353,4 +455,6 @@ def load_config(path: str | Path) -> PipelineConfig:
         data = yaml.safe_load(_expand_env(p.read_text()))
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid config: {p} is not valid YAML: {err}") from None
-    return parse_config(data or {})
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"invalid config: the top level of {p} must be a mapping")
+    return parse_config(_apply_overrides(data or {}, parse_overrides(overrides or [])))

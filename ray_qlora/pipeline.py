@@ -47,8 +47,9 @@ def connect_ray(cfg: PipelineConfig) -> None:
 class Run:
     """A run folder and its run.json."""
 
-    def __init__(self, cfg: PipelineConfig, run_id: str | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig, run_id: str | None = None, resume: bool = False) -> None:
         self.cfg = cfg
+        self.resume = resume  # tune: finish an interrupted search instead of starting one
         self.run_id = run_id or cfg.run.run_id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
         self.paths = storage.RunPaths.for_run(cfg.run.output_uri, self.run_id)
 
@@ -82,7 +83,7 @@ def _stage_fns(run: Run) -> dict[str, Callable[[], dict[str, Any]]]:
     def _tune() -> dict[str, Any]:
         from ray_qlora.tune import tune
         run.output("prepare")  # trials need the prepared shards: say so before starting any
-        return tune(cfg, paths)
+        return tune(cfg, paths, resume=run.resume)
 
     def _merge() -> dict[str, Any]:
         from ray_qlora.merge import merge

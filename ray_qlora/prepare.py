@@ -342,7 +342,8 @@ def _fingerprint(cfg: PipelineConfig, files: list[sources.InputFile], base: Any)
     data = cfg.data.model_dump(mode="json", exclude={"num_actors", "batch_size", "cache"})
     tok_files = sorted(p for p in Path(base).glob("*token*") if p.is_file()) if Path(base).is_dir() else []
     tok_hash = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in tok_files)).hexdigest()
-    blob = json.dumps({"version": PREPARE_VERSION, "data": data, "seed": cfg.run.seed, "tokenizer": tok_hash,
+    blob = json.dumps({"version": PREPARE_VERSION, "data": data, "packed": _packing(cfg), "seed": cfg.run.seed,
+                       "tokenizer": tok_hash,
                        "base": cfg.model.base, "files": [(f.uri, f.size, f.mtime, f.source) for f in files]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -430,7 +431,7 @@ def _write_train(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.Ru
 
     train = final.filter(expr=col("repeats") > 0).map_batches(_expand_repeats, batch_format="pyarrow")
     max_len = cfg.data.max_seq_length
-    if cfg.data.packing:
+    if _packing(cfg):
         train = train.map_batches(_pack, fn_kwargs={"capacity": max_len}, batch_size=4096,
                                   batch_format="pyarrow").materialize()
         cols = ["input_ids", "labels", "seq_lengths", "num_tokens", "num_label_tokens", "num_examples"]
@@ -442,8 +443,18 @@ def _write_train(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.Ru
     if rows:
         _write(train, cols, run.train, cfg)
     return {"rows": rows, "tokens": tokens, "label_tokens": int(train.sum("num_label_tokens") or 0) if rows else 0,
-            "packed": cfg.data.packing,
-            "efficiency": round(packing_efficiency(tokens, rows, max_len), 4) if cfg.data.packing else None}
+            "packed": _packing(cfg),
+            "efficiency": round(packing_efficiency(tokens, rows, max_len), 4) if _packing(cfg) else None}
+
+
+def _packing(cfg: PipelineConfig) -> bool:
+    """data.packing, 'auto' resolved: pack for GPU trials (padding-free batches, about 1.8x the tokens/s of
+    padded ones on an H200); CPU trials keep one example a row."""
+    import ray
+
+    if cfg.data.packing != "auto":
+        return bool(cfg.data.packing)
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _discover(cfg: PipelineConfig) -> list[sources.InputFile]:

@@ -11,17 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray_qlora import storage
-from ray_qlora.config import TUNABLE_KEYS, PipelineConfig, parse_config
+from ray_qlora.config import PipelineConfig, parse_config, tunable_path
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback
 
-__all__ = ["PACKED_COLUMN", "apply_trial_params", "build_trainer", "is_packed", "load_split", "train_trial"]
+    from ray_qlora.plan import ModelShape
+
+__all__ = ["PACKED_COLUMN", "apply_trial_params", "build_trainer", "is_packed", "load_split", "resolve_speed",
+           "train_trial"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,8 @@ PACKED_COLUMN = "seq_lengths"
 
 
 def apply_trial_params(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
-    """The pipeline config with a trial's sampled values (e.g. lora_r) put in place."""
-    overrides = {".".join(TUNABLE_KEYS[k]): v for k, v in params.items() if k in TUNABLE_KEYS}
+    """The pipeline config with a trial's sampled values (lora_r, training.warmup_ratio...) put in place."""
+    overrides = {".".join(path): v for k, v in params.items() if (path := tunable_path(k)) is not None}
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -55,7 +59,8 @@ def is_packed(ds: "Dataset") -> bool:
     return PACKED_COLUMN in (ds.column_names or [])
 
 
-def _sft_args(cfg: PipelineConfig, output_dir: str, device: str, packed: bool = False) -> Any:
+def _sft_args(cfg: PipelineConfig, output_dir: str, device: str, packed: bool = False,
+              checkpoints: bool = False) -> Any:
     """TRL's config for a trial; ``packed`` switches to padding-free batches of pre-packed rows.
 
     Packed: TRL's collator flattens each batch into one row and restarts the
@@ -69,6 +74,8 @@ def _sft_args(cfg: PipelineConfig, output_dir: str, device: str, packed: bool = 
     from trl import SFTConfig
 
     t = cfg.training
+    if not isinstance(t.batch_size, int):
+        raise ValueError("training.batch_size 'auto' must be resolved first (train.resolve_speed)")
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=t.num_epochs,
@@ -80,12 +87,19 @@ def _sft_args(cfg: PipelineConfig, output_dir: str, device: str, packed: bool = 
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=float(t.warmup_ratio),  # a float below 1 is a ratio of the total steps
         weight_decay=t.weight_decay,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing is True,  # 'auto' is resolved by resolve_speed
+        use_liger_kernel=t.use_liger is True,
+        optim=t.optimizer,
         activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         logging_steps=t.logging_steps,
-        save_strategy="no",  # Tune keeps the checkpoints (adapter only), see _TuneReport
+        # With checkpoints: one at each evaluation (adapter, optimizer, scheduler, RNG, step), handed to
+        # Tune, which keeps them in the run's storage; see _TuneReport.
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=t.eval_steps,
+        save_total_limit=1,
+        save_only_model=False,
         report_to="none",
         max_length=None if packed else cfg.data.max_seq_length,
         padding_free=packed,
@@ -99,18 +113,81 @@ def _sft_args(cfg: PipelineConfig, output_dir: str, device: str, packed: bool = 
     )
 
 
+def _gpu_bytes() -> float:
+    import torch
+
+    return float(torch.cuda.get_device_properties(0).total_memory)
+
+
+def resolve_speed(cfg: PipelineConfig, shape: "ModelShape", device: str,
+                  gpu_bytes: float | None = None) -> tuple[PipelineConfig, list[str]]:
+    """The config with the 'auto' speed settings decided for this device, and why each was.
+
+    On a GPU the memory planner decides: checkpointing off when the
+    activations fit (recomputing them costs a third more compute), the largest
+    micro-batch that fits when batch_size is 'auto', liger's kernels when
+    installed. On a CPU: no checkpointing (memory is rarely what binds there,
+    time is), no liger (Triton needs a GPU), micro-batch of at most 8.
+    """
+    import importlib.util
+
+    from ray_qlora.plan import plan_trial
+
+    t = cfg.training
+    why: list[str] = []
+    gpu = device.startswith("cuda")
+    liger = t.use_liger
+    if liger == "auto":
+        found = importlib.util.find_spec("liger_kernel") is not None
+        liger = gpu and found
+        why.append(f"liger kernels {'on' if liger else 'off'}: "
+                   + ("installed and a GPU" if liger else "needs a GPU" if not gpu else "liger-kernel not installed"))
+    ckpt, batch = t.gradient_checkpointing, t.batch_size
+    if not gpu:
+        if ckpt == "auto":
+            ckpt = False
+            why.append("checkpointing off: on a CPU recomputing activations costs more time than memory saved")
+        if batch == "auto":
+            batch = min(8, t.max_auto_batch_size)
+            why.append(f"micro-batch {batch}: the CPU default")
+    else:
+        budget = gpu_bytes if gpu_bytes is not None else _gpu_bytes()
+        probe = plan_trial(cfg, shape, budget, checkpointing=False, liger=bool(liger),
+                           micro_batch=batch if isinstance(batch, int) else 1)
+        if ckpt == "auto":
+            ckpt = not (probe.max_micro_batch_without_checkpointing or 0) >= (batch if isinstance(batch, int) else 1)
+            why.append(f"checkpointing {'on' if ckpt else 'off'}: the planner puts micro-batch "
+                       f"{batch if isinstance(batch, int) else 1} without it at {probe.total / 2**30:.1f} GiB of a "
+                       f"{budget * 0.95 / 2**30:.1f} GiB budget")
+        if batch == "auto":
+            fit = probe.max_micro_batch_with_checkpointing if ckpt else probe.max_micro_batch_without_checkpointing
+            batch = max(1, min(t.max_auto_batch_size, fit or 1))
+            why.append(f"micro-batch {batch}: the largest of at most {t.max_auto_batch_size} the planner fits "
+                       f"in {budget * 0.95 / 2**30:.1f} GiB with checkpointing {'on' if ckpt else 'off'}")
+    resolved = cfg.with_overrides({"training.gradient_checkpointing": bool(ckpt), "training.use_liger": bool(liger),
+                                   "training.batch_size": int(batch)})
+    return resolved, why
+
+
 def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eval_ds: "Dataset",
-                  output_dir: str, device: str, callbacks: list["TrainerCallback"] | None = None) -> "Trainer":
+                  output_dir: str, device: str, callbacks: list["TrainerCallback"] | None = None,
+                  checkpoints: bool = False) -> "Trainer":
     """SFTTrainer over a 4-bit base with LoRA attached; the one place a trial's model is built."""
     from trl import SFTTrainer
 
     from ray_qlora.modeling import attach_lora, load_4bit_base, load_tokenizer
 
+    from ray_qlora.plan import shape_from_config
+
+    cfg, why = resolve_speed(cfg, shape_from_config(base_path), device)
+    for reason in why:
+        log.info("train: %s", reason)
     packed = _training_mode(train_ds, eval_ds, cfg.data.max_seq_length)
     tok = load_tokenizer(base_path, cfg.data.chat_template)
     model = load_4bit_base(base_path, cfg.model.quantization, device)
-    model = attach_lora(model, cfg.lora, cfg.training.gradient_checkpointing)
-    return SFTTrainer(model=model, args=_sft_args(cfg, output_dir, device, packed), train_dataset=train_ds,
+    model = attach_lora(model, cfg.lora, bool(cfg.training.gradient_checkpointing))
+    args = _sft_args(cfg, output_dir, device, packed, checkpoints)
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds,
                       eval_dataset=eval_ds, processing_class=tok, callbacks=callbacks or [])
 
 
@@ -129,44 +206,105 @@ def _training_mode(train_ds: "Dataset", eval_ds: "Dataset", max_seq_length: int)
     return False
 
 
-def _tune_report_callback() -> "TrainerCallback":
+def _peak_memory_gib(device: str) -> float:
+    """Peak accelerator memory of this process (GPU), or its peak resident memory (CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _tune_report_callback(device: str, resumed_from: int) -> "TrainerCallback":
     from ray import tune
     from transformers import TrainerCallback
 
     class _TuneReport(TrainerCallback):
-        """After each evaluation: save the adapter and report eval loss with it to Tune."""
+        """Report every evaluation to Tune with a checkpoint of everything a resume needs.
+
+        An evaluation during training is followed by the Trainer's own
+        checkpoint (adapter, optimizer, scheduler, RNG state, step: save_steps
+        equals eval_steps), so the report waits for ``on_save`` and hands Tune
+        that folder. The final evaluation after training has no checkpoint to
+        follow; it reports the adapter alone, as there is nothing left to resume.
+        """
 
         def __init__(self) -> None:
-            self.last_train_loss: float | None = None
+            self.last: dict[str, float] = {}
+            self.pending: dict[str, Any] | None = None
             self.reported_step = -1
+            self.started = time.monotonic()
+            self.started_at = time.time()  # wall clock, to line trials up against each other
+            self.tokens_at_start: float | None = None
+            import ray
+
+            self.node_id = ray.get_runtime_context().get_node_id()
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-            if logs and "loss" in logs:
-                self.last_train_loss = float(logs["loss"])
+            for key in ("loss", "num_tokens"):
+                if logs and key in logs:
+                    self.last[key] = float(logs[key])
+
+        def _metrics(self, state, metrics: dict[str, float]) -> dict[str, Any]:  # noqa: ANN001
+            elapsed = time.monotonic() - self.started
+            tokens = self.last.get("num_tokens")
+            if tokens is not None and self.tokens_at_start is None:
+                self.tokens_at_start = 0.0 if not resumed_from else tokens
+            return {"eval_loss": float(metrics["eval_loss"]),
+                    "eval_mean_token_accuracy": float(metrics.get("eval_mean_token_accuracy", float("nan"))),
+                    "train_loss": self.last.get("loss"), "step": state.global_step, "epoch": state.epoch,
+                    "tokens_per_s": None if tokens is None else (tokens - (self.tokens_at_start or 0.0)) / elapsed,
+                    "peak_memory_gib": round(_peak_memory_gib(device), 3), "resumed_from_step": resumed_from,
+                    "node_id": self.node_id, "started_at": self.started_at}
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):  # noqa: ANN001
             if state.global_step == self.reported_step or not metrics:
                 return
             self.reported_step = state.global_step
+            if control.should_save:  # the Trainer checkpoints next; report with that folder
+                self.pending = self._metrics(state, metrics)
+                return
             with tempfile.TemporaryDirectory() as d:
                 model.save_pretrained(d)  # PeftModel: adapter weights + adapter_config.json only
-                (Path(d) / "trainer_state.json").write_text(json.dumps(
-                    {"global_step": state.global_step, "epoch": state.epoch}))
-                tune.report({"eval_loss": float(metrics["eval_loss"]), "train_loss": self.last_train_loss,
-                             "step": state.global_step, "epoch": state.epoch},
-                            checkpoint=tune.Checkpoint.from_directory(d))
+                tune.report(self._metrics(state, metrics), checkpoint=tune.Checkpoint.from_directory(d))
+
+        def on_save(self, args, state, control, **kw):  # noqa: ANN001
+            if self.pending is None:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tune.report(self.pending, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+            self.pending = None
 
     return _TuneReport()
 
 
-def train_trial(params: dict[str, Any]) -> None:
-    """Tune trainable: params holds the serialized pipeline config, run root and sampled values."""
+def _restore(out: str) -> str | None:
+    """The trial's last checkpoint (after a worker died), copied to ``out``; None on a first start."""
+    import shutil
+
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        if not (Path(d) / "trainer_state.json").is_file() or not (Path(d) / "optimizer.pt").is_file():
+            return None  # an adapter-only checkpoint (a finished trial's last report): nothing to resume
+        local = Path(out) / "resume"
+        shutil.copytree(d, local)
+    return str(local)
+
+
+def train_trial(params: dict[str, Any], cfg_json: str, run_root: str) -> None:
+    """Tune trainable: ``params`` holds the sampled values; the config and run come via tune.with_parameters."""
     import torch
 
     from ray_qlora.modeling import pick_device, resolve_base
 
-    cfg = apply_trial_params(parse_config(json.loads(params["cfg_json"])), params)
-    run = storage.RunPaths(params["run_root"])
+    cfg = apply_trial_params(parse_config(json.loads(cfg_json)), params)
+    run = storage.RunPaths(run_root)
     device = pick_device()
     if device == "cpu":  # one trial per CPU slice: threads beyond it only contend
         torch.set_num_threads(cfg.tune.cpus_per_trial)
@@ -176,7 +314,12 @@ def train_trial(params: dict[str, Any]) -> None:
     if cfg.training.eval_max_examples:  # every trial scores the same subset, so losses compare
         eval_ds = eval_ds.select(range(min(len(eval_ds), cfg.training.eval_max_examples)))
     with tempfile.TemporaryDirectory() as out:
-        trainer = build_trainer(cfg, base, train_ds, eval_ds, out, device, [_tune_report_callback()])
-        trainer.train()
+        resume = _restore(out)
+        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+        if resume:
+            log.info("train: resuming from the checkpoint at step %d", step)
+        trainer = build_trainer(cfg, base, train_ds, eval_ds, out, device, [_tune_report_callback(device, step)],
+                                checkpoints=True)
+        trainer.train(resume_from_checkpoint=resume)
         if trainer.state.global_step % cfg.training.eval_steps:
             trainer.evaluate()  # the final weights get reported too

@@ -12,12 +12,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ray_qlora import storage
-from ray_qlora.config import PipelineConfig, SearchDim
+from ray_qlora.config import ConfigError, PipelineConfig, SearchDim, tunable_path
+from ray_qlora.errors import StageOrderError
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
-__all__ = ["search_space", "trial_resources", "tune"]
+__all__ = ["preflight", "search_space", "trial_resources", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,102 @@ def _dim(d: SearchDim) -> Any:
         return rt.choice(d.choice)
     if d.loguniform is not None:
         return rt.loguniform(*d.loguniform)
+    if d.randint is not None:
+        return rt.randint(d.randint[0], d.randint[1] + 1)  # Tune's upper bound is exclusive, ours inclusive
     return rt.uniform(*d.uniform)  # type: ignore[misc]
 
 
 def search_space(cfg: PipelineConfig) -> dict[str, Any]:
-    """Tune param_space: the sampled keys plus what every trial needs to find its inputs."""
+    """Tune param_space: the sampled keys only (the config travels by tune.with_parameters)."""
     return {name: _dim(d) for name, d in cfg.tune.search_space.items()}
+
+
+def _searcher(cfg: PipelineConfig) -> Any:
+    """None (Tune's grid and random sampling) or Optuna's TPE, limited to the concurrent trials."""
+    if cfg.tune.search_algorithm != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401  (OptunaSearch imports it lazily; fail here with a clear message)
+    except ImportError:
+        raise ConfigError("tune.search_algorithm: optuna needs the 'search' extra: pip install 'ray-qlora[search]'") \
+            from None
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=cfg.tune.max_concurrent_trials)
+
+
+def _largest_values(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with each searched key at its most memory-hungry value (largest number or list)."""
+    worst: dict[str, Any] = {}
+    for key, dim in cfg.tune.search_space.items():
+        section, name = tunable_path(key)  # type: ignore[misc]
+        if name not in ("r", "batch_size", "target_modules"):
+            continue
+        values = dim.examples()
+        if name == "target_modules":
+            worst[f"{section}.{name}"] = "all-linear" if "all-linear" in values else max(
+                values, key=lambda v: len(v) if isinstance(v, list) else len(str(v).split(",")))
+        elif all(isinstance(v, (int, float)) for v in values):
+            worst[f"{section}.{name}"] = int(max(values))
+    return cfg.with_overrides(worst) if worst else cfg
+
+
+def preflight(cfg: PipelineConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """Before any trial: can some node ever hold one, and does its memory plan fit? Raises ConfigError."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need_cpu, need_gpu = resources["cpu"], resources["gpu"]
+    if not cfg.tune.cluster_autoscales and not any(
+            n.get("CPU", 0) >= need_cpu and n.get("GPU", 0) >= need_gpu for n in nodes):
+        most_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+        most_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+        raise ConfigError(
+            f"tune: a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU on one node, but the largest node has "
+            f"{most_cpu:g} CPU and {most_gpu:g} GPU ({len(nodes)} node(s)); lower tune.cpus_per_trial / "
+            "tune.gpus_per_trial, add a bigger node, or set tune.cluster_autoscales: true if the cluster "
+            "starts such nodes on demand")
+    from ray_qlora.plan import GIB, model_shape, plan_trial
+    from ray_qlora.train import resolve_speed
+
+    worst = _largest_values(cfg)
+    shape = model_shape(worst, None)
+    if need_gpu > 0:
+        budget = (cfg.tune.gpu_memory_gb * GIB if cfg.tune.gpu_memory_gb else _gpu_memory(need_gpu))
+        if budget is None:
+            return {"checked": False, "why": "no GPU node answered; memory not planned"}
+        resolved, why = resolve_speed(worst, shape, "cuda", gpu_bytes=budget)
+        plan = plan_trial(resolved, shape, budget)
+    else:
+        budget = max((n.get("memory", 0) for n in nodes), default=0) or None
+        resolved, why = resolve_speed(worst, shape, "cpu")
+        plan = plan_trial(resolved, shape, budget, on_gpu=False)
+    log.info("tune: memory plan for the largest trial of the space:\n%s", plan.table())
+    if plan.fits is False:
+        raise ConfigError(f"tune: the largest trial of the search space does not fit ({plan.total / GIB:.1f} GiB "
+                          f"estimated, {plan.budget / GIB:.1f} GiB usable):\n{plan.table()}\n"  # type: ignore[operator]
+                          "see `ray-qlora plan`; lower data.max_seq_length or training.batch_size, or set "
+                          "training.gradient_checkpointing: true")
+    return {"checked": True, "peak_gib": round(plan.total / GIB, 2), "budget_gib": round((budget or 0) / GIB, 2),
+            "auto": why}
+
+
+def _gpu_memory(gpus: float) -> float | None:
+    """Total memory of a GPU the trials will get, asked of a GPU node (one short task)."""
+    import ray
+
+    @ray.remote(num_gpus=min(gpus, 1.0), num_cpus=0)
+    def total() -> float:
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 0.0
+
+    try:
+        found = ray.get(total.remote(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        return None
+    return found or None
 
 
 def trial_resources(cfg: PipelineConfig) -> dict[str, float]:
@@ -49,27 +140,74 @@ def trial_resources(cfg: PipelineConfig) -> dict[str, float]:
     return {"cpu": cfg.tune.cpus_per_trial, "gpu": float(gpus)}
 
 
-def _leaderboard(results: "ResultGrid") -> list[dict[str, Any]]:
+def _leaderboard(results: "ResultGrid", cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One row per trial, best first by tune.metric; failed trials keep their parameters and error."""
+    metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "min" else -1)
+    most_reports = _max_reports(results)
     rows = []
     for r in results:
         df = r.metrics_dataframe
-        if df is None or "eval_loss" not in df:
-            rows.append({"trial": r.path.rstrip("/").split("/")[-1], "status": "error",
-                         "error": str(r.error) if r.error else "no metrics", "params": {}})
+        params = {k: v for k, v in (r.config or {}).items()}
+        trial = r.path.rstrip("/").split("/")[-1]
+        if df is None or metric not in df or df[metric].isna().all():
+            rows.append({"trial": trial, "status": "error", "params": params,
+                         "error": _first_line(r.error) if r.error else "no metrics reported"})
             continue
-        best = df.loc[df["eval_loss"].idxmin()]
+        best = df.loc[(df[metric] * sign).idxmin()]
+        last = df.iloc[-1]
+        status = ("error" if r.error else "stopped early by ASHA" if len(df) < most_reports else "completed")
         rows.append({
-            "trial": r.metrics.get("trial_id"),
-            "params": {k: v for k, v in r.config.items() if k not in ("cfg_json", "run_root")},
-            "best_eval_loss": float(best["eval_loss"]),
-            "best_step": int(best["step"]),
-            "last_step": int(df["step"].iloc[-1]),
-            "reports": int(len(df)),
-            "status": "error" if r.error else ("stopped early" if len(df) < _max_reports(results) else "completed"),
-            "curve": {"step": [int(s) for s in df["step"]], "eval_loss": [float(x) for x in df["eval_loss"]],
+            "trial": trial, "status": status, "params": params,
+            metric: float(best[metric]), "best_eval_loss": float(best["eval_loss"]),
+            "best_step": int(best["step"]), "last_step": int(last["step"]), "reports": int(len(df)),
+            "tokens_per_s": _num(last.get("tokens_per_s")), "peak_memory_gib": _num(last.get("peak_memory_gib")),
+            "wall_s": _num(last.get("time_total_s")), "resumed_from_step": int(df["resumed_from_step"].max() or 0)
+            if "resumed_from_step" in df else 0,
+            "error": _first_line(r.error) if r.error else None,
+            "curve": {"step": [int(x) for x in df["step"]], "eval_loss": [float(x) for x in df["eval_loss"]],
                       "train_loss": [_num(x) for x in df.get("train_loss", [])]},
         })
-    return sorted(rows, key=lambda x: x.get("best_eval_loss", float("inf")))
+    return sorted(rows, key=lambda x: sign * x[metric] if metric in x else float("inf"))
+
+
+def _first_line(err: BaseException) -> str:
+    """The error a trial ended with, as the user needs it: its last line (the exception), not the stack."""
+    text = str(err).strip().splitlines()
+    tail = [line for line in text if line and not line.startswith(" ")]
+    return (tail[-1] if tail else type(err).__name__)[:500]
+
+
+def _write_leaderboard(board: list[dict[str, Any]], run: storage.RunPaths, cfg: PipelineConfig) -> str:
+    """leaderboard.json (everything) and leaderboard.csv (one flat row per trial); returns the CSV text."""
+    import csv
+    import io
+
+    storage.write_json(storage.join(run.root, "tune", "leaderboard.json"), board, cfg.storage)
+    params = sorted({k for row in board for k in row["params"]})
+    cols = ["rank", "trial", "status", *params, cfg.tune.metric, "best_eval_loss", "best_step", "last_step",
+            "tokens_per_s", "peak_memory_gib", "wall_s", "resumed_from_step", "error"]
+    buf = io.StringIO()
+    out = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(cols)), extrasaction="ignore")
+    out.writeheader()
+    for rank, row in enumerate(board, 1):
+        out.writerow({"rank": rank, **row["params"], **{k: v for k, v in row.items() if k != "params"}})
+    fs, path = storage.resolve(storage.join(run.root, "tune", "leaderboard.csv"), cfg.storage)
+    with fs.open_output_stream(path) as f:
+        f.write(buf.getvalue().encode())
+    return buf.getvalue()
+
+
+def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
+    """A plain-text table of the trials for the terminal."""
+    lines = [f"{'#':>2}  {'status':<22} {metric:>12} {'step':>5} {'tok/s':>7}  params"]
+    for rank, row in enumerate(board, 1):
+        value = f"{row[metric]:.4f}" if metric in row else "-"
+        tps = f"{row['tokens_per_s']:.0f}" if row.get("tokens_per_s") else "-"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        extra = f"  ({row['error']})" if row.get("error") else ""
+        lines.append(f"{rank:>2}  {row['status']:<22} {value:>12} {row.get('best_step', '-'):>5} {tps:>7}  "
+                     f"{params}{extra}")
+    return "\n".join(lines)
 
 
 def _num(x: Any) -> float | None:
@@ -103,53 +241,73 @@ def _plot_curves(board: list[dict[str, Any]], png_uri: str, cfg: PipelineConfig)
     storage.write_figure(fig, png_uri, cfg.storage)
 
 
-def tune(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
-    """Run the trials; returns the best trial's params, eval loss and adapter URI."""
+def tune(cfg: PipelineConfig, run: storage.RunPaths, resume: bool = False) -> dict[str, Any]:
+    """Run the trials (or finish an interrupted search); returns the best trial's params, metric and adapter URI."""
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
 
     from ray_qlora.train import train_trial
 
     resources = trial_resources(cfg)
-    param_space = {**search_space(cfg), "cfg_json": cfg.model_dump_json(), "run_root": run.root}
+    planned = preflight(cfg, resources)
     scheduler = None
     if cfg.tune.asha.enabled:
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.asha.grace_period,
                                   reduction_factor=cfg.tune.asha.reduction_factor, max_t=10_000)
     fs, root_path = storage.resolve(run.root, cfg.storage)
-    tuner = rt.Tuner(
-        rt.with_resources(train_trial, resources),
-        param_space=param_space,
-        tune_config=rt.TuneConfig(metric=cfg.tune.metric, mode="min", scheduler=scheduler,
-                                  num_samples=cfg.tune.num_samples,
-                                  max_concurrent_trials=cfg.tune.max_concurrent_trials),
-        run_config=rt.RunConfig(name="trials", storage_path=root_path, storage_filesystem=fs,
-                                checkpoint_config=rt.CheckpointConfig(
-                                    num_to_keep=2, checkpoint_score_attribute="eval_loss",
-                                    checkpoint_score_order="min"),
-                                verbose=1),
-    )
+    # The config reaches trials through the object store, not the search space: the space holds only
+    # what is sampled, so searchers and the leaderboard see the real parameters.
+    trainable = rt.with_resources(
+        rt.with_parameters(train_trial, cfg_json=cfg.model_dump_json(), run_root=run.root), resources)
+    trials_path = f"{root_path.rstrip('/')}/trials"
+    if resume:
+        if not rt.Tuner.can_restore(trials_path, storage_filesystem=fs):
+            raise StageOrderError(f"tune --resume: no interrupted search under {run.root}/trials; run `ray-qlora "
+                                  "tune` without --resume")
+        log.info("tune: resuming the search under %s/trials", run.root)
+        tuner = rt.Tuner.restore(trials_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = rt.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=rt.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                      search_alg=_searcher(cfg), num_samples=cfg.tune.num_samples,
+                                      max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                                      time_budget_s=cfg.tune.time_budget_s),
+            run_config=rt.RunConfig(name="trials", storage_path=root_path, storage_filesystem=fs,
+                                    failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
+                                    checkpoint_config=rt.CheckpointConfig(
+                                        num_to_keep=2, checkpoint_score_attribute=cfg.tune.metric,
+                                        checkpoint_score_order=cfg.tune.mode),
+                                    verbose=1),
+        )
     log.info("tune: trials with %s each", resources)
     results = tuner.fit()
-    board = _leaderboard(results)
-    storage.write_json(storage.join(run.root, "tune", "leaderboard.json"), board, cfg.storage)
-    if not any("best_eval_loss" in row for row in board):
-        errors = "; ".join(str(r.error) for r in results if r.error)
-        raise RuntimeError(f"tune: no trial reported an eval loss ({errors or 'no errors recorded'})")
+    board = _leaderboard(results, cfg)
+    _write_leaderboard(board, run, cfg)
+    print(format_leaderboard(board, cfg.tune.metric), flush=True)
+    if not any(cfg.tune.metric in row for row in board):
+        errors = "; ".join(row.get("error") or "" for row in board)
+        raise RuntimeError(f"tune: no trial reported {cfg.tune.metric} ({errors or 'no errors recorded'})")
     _plot_curves(board, storage.join(run.root, "tune", "eval_loss.png"), cfg)
 
-    best = results.get_best_result(metric="eval_loss", mode="min", scope="all")
-    ckpt = best.get_best_checkpoint(metric="eval_loss", mode="min")
+    best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="all")
+    ckpt = best.get_best_checkpoint(metric=cfg.tune.metric, mode=cfg.tune.mode)
     prefix = "s3://" if run.root.startswith("s3://") else ""
     summary = {
-        "best_trial": best.metrics.get("trial_id"),
-        "best_params": {k: v for k, v in best.config.items() if k not in ("cfg_json", "run_root")},
-        "best_eval_loss": min(r["best_eval_loss"] for r in board if "best_eval_loss" in r),
+        "best_trial": board[0]["trial"],
+        "best_params": dict(best.config or {}),
+        "metric": cfg.tune.metric,
+        "best_value": board[0][cfg.tune.metric],
+        "best_eval_loss": board[0]["best_eval_loss"],
         "best_adapter_uri": prefix + ckpt.path,
         "trials": len(board),
+        "failed_trials": sum(1 for row in board if row["status"] == "error"),
         "resources_per_trial": resources,
+        "memory_plan": planned,
         "leaderboard_uri": storage.join(run.root, "tune", "leaderboard.json"),
+        "leaderboard_csv_uri": storage.join(run.root, "tune", "leaderboard.csv"),
     }
-    log.info("tune: best trial %s eval_loss %.4f params %s", summary["best_trial"],
-             summary["best_eval_loss"], summary["best_params"])
+    log.info("tune: best trial %s %s %.4f params %s", summary["best_trial"], cfg.tune.metric,
+             summary["best_value"], summary["best_params"])
     return summary

@@ -1,0 +1,115 @@
+"""The memory planner agrees with published reference points and with measured footprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ray_qlora.config import parse_config
+from ray_qlora.plan import GIB, llama_shape, plan_trial, shape_from_config
+from ray_qlora.train import resolve_speed
+
+SMOLLM2_1_7B = "SmolLM2-1.7B"
+
+
+def _cfg(seq: int = 512, batch: int | str = 1, r: int = 16, **training: object):  # noqa: ANN202
+    return parse_config({"run": {"output_uri": "/tmp/x"}, "data": {"input_uris": ["/tmp/x"], "max_seq_length": seq},
+                         "lora": {"r": r}, "training": {"batch_size": batch, **training}})
+
+
+@pytest.mark.parametrize("params", [135e6, 1.7e9, 7e9, 13e9, 65e9, 70e9, 3e9])
+def test_llama_shape_has_the_size_asked_for(params: float) -> None:
+    assert llama_shape(params).params == pytest.approx(params, rel=0.06)
+
+
+def test_qlora_paper_reference_points() -> None:
+    # QLoRA (Dettmers et al. 2023): a 7B model fine-tunes on a 24 GB card, 65B on one 48 GB GPU but not on 24 GB
+    cfg = _cfg(seq=512, batch=1, gradient_checkpointing=True, optimizer="paged_adamw_8bit")
+    assert plan_trial(cfg, llama_shape(7e9), 24 * GIB).fits
+    assert plan_trial(cfg, llama_shape(65e9), 48 * GIB).fits
+    assert not plan_trial(cfg, llama_shape(65e9), 24 * GIB).fits
+    # and a 65B's frozen 4-bit weights alone are ~0.52 bytes a weight
+    parts = plan_trial(cfg, llama_shape(65e9), None).parts
+    assert parts["base weights (4-bit)"] / llama_shape(65e9).quantized_params == pytest.approx(0.516, abs=0.01)
+
+
+# Issue 6's measurements on one H200: SmolLM2-1.7B shape, r=16 on all linear layers, bf16 compute,
+# 2,048-token examples: (rows x tokens per micro-batch, checkpointing, liger, measured peak GiB).
+H200 = [(8, True, False, 8.7), (8, True, True, 8.2), (8, False, False, 74.6), (2, True, False, 3.2),
+        (4, False, False, 40.3), (4, False, True, 34.3)]
+
+
+@pytest.mark.parametrize(("rows", "ckpt", "liger", "measured"), H200)
+def test_agrees_with_measured_h200_peaks(rows: int, ckpt: bool, liger: bool, measured: float) -> None:
+    shape = llama_shape(1.7e9)
+    assert (shape.hidden, shape.intermediate, shape.layers) == (2048, 8192, 24)  # SmolLM2-1.7B's shape
+    est = plan_trial(_cfg(seq=2048, batch=rows), shape, None, checkpointing=ckpt, liger=liger).total / GIB
+    assert est == pytest.approx(measured, rel=0.25)
+
+
+def _measured_weight_bytes(model_dir: Path) -> float:
+    """Bytes the loaded 4-bit model holds: packed codes, both levels of scales, and the rest."""
+    import bitsandbytes as bnb
+
+    from ray_qlora.config import QuantizationConfig
+    from ray_qlora.modeling import load_4bit_base
+
+    model = load_4bit_base(model_dir, QuantizationConfig(), "cpu")
+    quantized, total = set(), 0.0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w, qs = module.weight, module.weight.quant_state
+            total += w.data.nbytes + qs.absmax.nbytes + qs.code.nbytes
+            if qs.nested:
+                total += qs.state2.absmax.nbytes + qs.state2.code.nbytes
+            quantized.add(id(w))
+    return total + sum(p.nbytes for p in model.parameters() if id(p) not in quantized)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2-135m"])
+def test_weights_within_10_percent_of_the_loaded_model(which: str, tiny_model_dir: Path) -> None:
+    from ray_qlora.config import ModelConfig, StorageConfig
+    from ray_qlora.modeling import resolve_base
+
+    model_dir = tiny_model_dir if which == "tiny" else resolve_base(ModelConfig(), StorageConfig())
+    parts = plan_trial(_cfg(), shape_from_config(model_dir), None, on_gpu=False).parts
+    planned = parts["base weights (4-bit)"] + parts["embeddings, head, norms"]  # fp32 on a CPU
+    assert planned == pytest.approx(_measured_weight_bytes(model_dir), rel=0.10)
+
+
+def test_largest_micro_batch_is_the_edge_of_fitting() -> None:
+    shape, budget = llama_shape(7e9), 24 * GIB
+    plan = plan_trial(_cfg(seq=2048, gradient_checkpointing=True), shape, budget)
+    edge = plan.max_micro_batch
+    assert edge and edge >= 1
+    assert plan_trial(_cfg(seq=2048, batch=edge, gradient_checkpointing=True), shape, budget).fits
+    assert not plan_trial(_cfg(seq=2048, batch=edge + 1, gradient_checkpointing=True), shape, budget).fits
+    assert plan.max_micro_batch_without_checkpointing < edge == plan.max_micro_batch_with_checkpointing
+
+
+def test_cpu_trial_skips_checkpointing_and_liger() -> None:
+    cfg, why = resolve_speed(_cfg(batch="auto"), llama_shape(135e6), "cpu")
+    t = cfg.training
+    assert (t.gradient_checkpointing, t.use_liger, t.batch_size) == (False, False, 8)
+    assert any("checkpointing off" in w for w in why) and any("liger kernels off" in w for w in why)
+
+
+def test_gpu_trial_turns_checkpointing_off_only_when_activations_fit() -> None:
+    shape = llama_shape(1.7e9)
+    roomy, why = resolve_speed(_cfg(seq=2048, batch=4), shape, "cuda", gpu_bytes=139 * GIB)
+    assert roomy.training.gradient_checkpointing is False
+    assert any("checkpointing off" in w for w in why)
+    tight, _ = resolve_speed(_cfg(seq=2048, batch=4), shape, "cuda", gpu_bytes=24 * GIB)
+    assert tight.training.gradient_checkpointing is True
+    # 'auto' micro-batch: as large as fits, within the cap
+    auto, why = resolve_speed(_cfg(seq=2048, batch="auto"), shape, "cuda", gpu_bytes=139 * GIB)
+    assert auto.training.gradient_checkpointing is False and 4 <= auto.training.batch_size <= 16
+    assert plan_trial(auto, shape, 139 * GIB).fits
+
+
+def test_explicit_settings_are_kept() -> None:
+    cfg, why = resolve_speed(_cfg(seq=2048, batch=2, gradient_checkpointing=True, use_liger=False),
+                             llama_shape(1.7e9), "cuda", gpu_bytes=139 * GIB)
+    assert (cfg.training.gradient_checkpointing, cfg.training.use_liger, cfg.training.batch_size) == (True, False, 2)
+    assert why == []

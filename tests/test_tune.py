@@ -1,0 +1,122 @@
+"""Tune on a real local Ray: refusals before any trial, failed trials on the leaderboard, resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ray_qlora import storage
+from ray_qlora.config import ConfigError, parse_config
+from ray_qlora.data.sample import SYSTEM_PROMPT
+from ray_qlora.demo import upload_sample
+from ray_qlora.pipeline import Run, run_stage
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(root: Path, model: Path, **sections: Any):  # noqa: ANN202
+    base: dict[str, Any] = {
+        "run": {"output_uri": str(root / "out"), "run_id": "t", "seed": 3},
+        "data": {"input_uris": [str(root / "raw")], "system_prompt": SYSTEM_PROMPT, "max_seq_length": 128,
+                 "cache": True},
+        "model": {"base": str(model)},
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"max_steps": 4, "eval_steps": 2, "batch_size": 4, "logging_steps": 1},
+        "tune": {"max_concurrent_trials": 2, "asha": {"enabled": False}},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return parse_config(base)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, ray_local: None) -> Path:
+    """Sample data prepared once (later runs of the same data reuse it through the cache)."""
+    root = tmp_path_factory.mktemp("tune")
+    cfg = _cfg(root, tiny_model_dir)
+    upload_sample(str(root / "raw"), cfg.storage)
+    run_stage(Run(cfg, "t"), "prepare")
+    return root
+
+
+def _prepared_run(root: Path, model: Path, run_id: str, **sections: Any) -> Run:
+    run = Run(_cfg(root, model, **sections), run_id)
+    run_stage(run, "prepare")  # a cache hit: copies the shards
+    return run
+
+
+def test_a_trial_no_node_can_hold_is_refused_at_once(root: Path, tiny_model_dir: Path) -> None:
+    run = _prepared_run(root, tiny_model_dir, "too-big", tune={"cpus_per_trial": 64})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"needs 64 CPU and 0 GPU on one node, but the largest node has 4 CPU"):
+        run_stage(run, "tune")
+    assert time.monotonic() - started < 30
+    assert not Path(run.paths.root, "trials").exists(), "no trial may start"
+
+
+def test_a_trial_that_cannot_fit_in_memory_is_refused_with_the_plan(root: Path, tiny_model_dir: Path) -> None:
+    run = _prepared_run(root, tiny_model_dir, "no-fit", tune={"search_space": {"lora.r": {"values": [4, 8]}}})
+    run.cfg = run.cfg.with_overrides({"data.max_seq_length": 4_000_000, "training.batch_size": 64})
+    with pytest.raises(ConfigError, match=r"largest trial of the search space does not fit .* GiB estimated"):
+        run_stage(run, "tune")
+    assert not Path(run.paths.root, "trials").exists()
+
+
+def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, tiny_model_dir: Path) -> None:
+    run = _prepared_run(root, tiny_model_dir, "mixed", tune={
+        "search_space": {"lora.target_modules": {"values": ["q_proj,v_proj", "no_such_proj"]},
+                         "lora.r": {"randint": [2, 6]}},
+        "max_failures": 0})
+    result = run_stage(run, "tune")
+    board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
+    assert [row["status"] for row in board] == ["completed", "error"]  # best first, the failure last
+    ok, failed = board
+    assert ok["params"]["lora.target_modules"] == "q_proj,v_proj" and 2 <= ok["params"]["lora.r"] <= 6
+    assert failed["params"]["lora.target_modules"] == "no_such_proj"
+    assert "no_such_proj" in failed["error"]  # peft's own message, not a stack trace
+    assert result["failed_trials"] == 1 and result["best_params"] == ok["params"]
+    assert ok["tokens_per_s"] > 0 and ok["peak_memory_gib"] > 0 and ok["wall_s"] > 0
+    csv = Path(run.paths.root, "tune", "leaderboard.csv").read_text().splitlines()
+    assert csv[0].startswith("rank,trial,status,lora.r,lora.target_modules,eval_loss")
+    assert len(csv) == 3 and ",error," in csv[2]
+
+
+def _trial_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("ImplicitFunc" in part or "train_trial" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_trial_resumes_from_its_checkpoint(root: Path, tiny_model_dir: Path) -> None:
+    run = _prepared_run(root, tiny_model_dir, "killed", training={"max_steps": 60, "eval_steps": 10},
+                        tune={"max_failures": 2})
+    trials = Path(run.paths.root, "trials")
+    outcome: dict[str, Any] = {}
+
+    def search() -> None:
+        try:
+            outcome["result"] = run_stage(run, "tune")
+        except BaseException as err:  # surfaced by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not any(trials.glob("*/checkpoint_000000")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = _trial_pids()
+    assert pids, "the trial's worker process was not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    (row,) = storage.read_json(outcome["result"]["leaderboard_uri"], run.cfg.storage)
+    assert row["status"] == "completed" and row["last_step"] == 60
+    assert row["resumed_from_step"] >= 10, "the retried trial must start from its checkpoint, not from step 0"
