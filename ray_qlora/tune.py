@@ -164,6 +164,7 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig) -> list[dict[str, A
             "wall_s": _num(last.get("time_total_s")), "resumed_from_step": int(df["resumed_from_step"].max() or 0)
             if "resumed_from_step" in df else 0,
             "error": _first_line(r.error) if r.error else None,
+            "node_id": last.get("node_id"), "started_at": _num(last.get("started_at")),
             "curve": {"step": [int(x) for x in df["step"]], "eval_loss": [float(x) for x in df["eval_loss"]],
                       "train_loss": [_num(x) for x in df.get("train_loss", [])]},
         })
