@@ -39,3 +39,12 @@ def test_prepare_memory_smoke(tiny_model_dir: Path) -> None:
     out = _load("prepare_memory").main(["--rows", "100", "--base", str(tiny_model_dir)])
     assert set(out["peaks"]) == {100, 1000}
     assert all(p["driver"] > 50 and p["worker"] > 0 for p in out["peaks"].values())
+
+
+def test_train_throughput_smoke(capsys) -> None:  # noqa: ANN001
+    out = _load("train_throughput").main(["--smoke"])
+    today, new = out["today"], out["defaults"]
+    assert today["tokens_per_s"] > 0 and new["tokens_per_s"] > 0
+    assert (today["checkpointing"], today["micro_batch"]) == (True, 8)
+    assert (new["checkpointing"], new["liger"]) == (False, False)  # what the planner picks on a CPU
+    assert "ratio defaults / today" in capsys.readouterr().out
