@@ -241,6 +241,14 @@ class AshaConfig(_Strict):
     reduction_factor: int = Field(2, ge=2)
 
 
+class MlflowConfig(_Strict):
+    enabled: bool = Field(False, description="Log every trial (params, metrics per report) to MLflow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or database; env MLFLOW_TRACKING_URI, else "
+                          "sqlite:///mlflow.db in the working directory.")
+    experiment: str = Field("ray-qlora", description="MLflow experiment the trials are logged under.")
+
+
 class TuneConfig(_Strict):
     search_space: dict[str, SearchDim] = Field(
         default_factory=dict, description=f"Keys from: {', '.join(TUNABLE_KEYS)}.")
@@ -259,6 +267,7 @@ class TuneConfig(_Strict):
     time_budget_s: float | None = Field(None, gt=0, description="Stop the search after this many seconds.")
     max_failures: int = Field(
         2, ge=0, description="Retries of a trial whose worker died; it resumes from its last checkpoint.")
+    mlflow: MlflowConfig = MlflowConfig()
     cluster_autoscales: bool = Field(
         False, description="The cluster adds nodes on demand: do not refuse a trial no current node can hold.")
     gpu_memory_gb: float | None = Field(

@@ -73,6 +73,24 @@ def _largest_values(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.with_overrides(worst) if worst else cfg
 
 
+def _callbacks(cfg: PipelineConfig, run: storage.RunPaths) -> list[Any]:
+    """Experiment tracking: Ray's MLflow logger (one MLflow run per trial) when tune.mlflow.enabled."""
+    if not cfg.tune.mlflow.enabled:
+        return []
+    import os
+
+    try:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise ConfigError("tune.mlflow.enabled needs MLflow: pip install 'ray-qlora[tracking]'") from None
+    uri = (cfg.tune.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{os.path.abspath('mlflow.db')}")
+    log.info("tune: logging trials to MLflow at %s, experiment %r", uri, cfg.tune.mlflow.experiment)
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.tune.mlflow.experiment,
+                                 tags={"ray_qlora.run": run.root})]
+
+
 def preflight(cfg: PipelineConfig, resources: dict[str, float]) -> dict[str, Any]:
     """Before any trial: can some node ever hold one, and does its memory plan fit? Raises ConfigError."""
     import ray
@@ -277,6 +295,7 @@ def tune(cfg: PipelineConfig, run: storage.RunPaths, resume: bool = False) -> di
                                       time_budget_s=cfg.tune.time_budget_s),
             run_config=rt.RunConfig(name="trials", storage_path=root_path, storage_filesystem=fs,
                                     failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
+                                    callbacks=_callbacks(cfg, run),
                                     checkpoint_config=rt.CheckpointConfig(
                                         num_to_keep=2, checkpoint_score_attribute=cfg.tune.metric,
                                         checkpoint_score_order=cfg.tune.mode),

@@ -105,3 +105,32 @@ def test_overrides_are_revalidated() -> None:
 def test_secrets_never_in_config() -> None:
     with pytest.raises(ConfigError, match="storage.aws_secret_access_key"):
         parse_config(_with(storage={"aws_secret_access_key": "x"}))
+
+
+def test_optuna_refuses_a_grid_with_the_key_named() -> None:
+    with pytest.raises(ConfigError, match=r"\['learning_rate'\]: grid 'values' cannot be used with search_algorithm"):
+        parse_config(_with(tune={"search_space": {"learning_rate": {"values": [1e-4]}}, "search_algorithm": "optuna"}))
+
+
+def test_any_training_or_lora_key_is_searchable_and_its_values_are_checked() -> None:
+    cfg = parse_config(_with(tune={"search_space": {"lora.target_modules": {"choice": ["q_proj,v_proj", "all-linear"]},
+                                                    "training.warmup_ratio": {"uniform": [0.0, 0.2]},
+                                                    "lora.r": {"randint": [4, 32]}}}))
+    assert set(cfg.tune.search_space) == {"lora.target_modules", "training.warmup_ratio", "lora.r"}
+    with pytest.raises(ConfigError, match=r"tune.search_space.lora.dropout: 1.5 is not a valid lora.dropout"):
+        parse_config(_with(tune={"search_space": {"lora.dropout": {"values": [0.1, 1.5]}}}))
+    with pytest.raises(ConfigError, match="unknown search key"):
+        parse_config(_with(tune={"search_space": {"serve.port": {"values": [1]}}}))
+
+
+def test_set_overrides_apply_before_validation(tmp_path) -> None:  # noqa: ANN001
+    from ray_qlora.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {output_uri: /tmp/o}\ndata: {input_uris: [/tmp/i]}\ntraining: {learning_rate: -1}\n")
+    cfg = load_config(path, ["training.learning_rate=1e-4", "lora.target_modules=q_proj,v_proj"])
+    assert cfg.training.learning_rate == 1e-4 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="training.lerning_rate: unknown key"):
+        load_config(path, ["training.lerning_rate=1e-4"])
+    with pytest.raises(ConfigError, match="write section.key=value"):
+        load_config(path, ["learning_rate"])

@@ -72,7 +72,8 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
     run = _prepared_run(root, tiny_model_dir, "mixed", tune={
         "search_space": {"lora.target_modules": {"values": ["q_proj,v_proj", "no_such_proj"]},
                          "lora.r": {"randint": [2, 6]}},
-        "max_failures": 0})
+        "max_failures": 0, "mlflow": {"enabled": True, "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                                      "experiment": "mixed"}})
     result = run_stage(run, "tune")
     board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
     assert [row["status"] for row in board] == ["completed", "error"]  # best first, the failure last
@@ -85,6 +86,24 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
     csv = Path(run.paths.root, "tune", "leaderboard.csv").read_text().splitlines()
     assert csv[0].startswith("rank,trial,status,lora.r,lora.target_modules,eval_loss")
     assert len(csv) == 3 and ",error," in csv[2]
+    from mlflow.tracking import MlflowClient  # every trial is an MLflow run, with its params and curve
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mixed").experiment_id])
+    assert len(runs) == 2
+    (logged,) = [r for r in runs if r.data.params.get("lora.target_modules") == "q_proj,v_proj"]
+    assert logged.data.metrics["eval_loss"] == pytest.approx(ok["curve"]["eval_loss"][-1])
+
+
+def test_optuna_searches_the_space(root: Path, tiny_model_dir: Path) -> None:
+    run = _prepared_run(root, tiny_model_dir, "optuna", tune={
+        "search_space": {"learning_rate": {"loguniform": [1e-4, 1e-2]}, "lora_r": {"choice": [2, 4]}},
+        "search_algorithm": "optuna", "num_samples": 3})
+    result = run_stage(run, "tune")
+    board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
+    assert len(board) == 3 and all(row["status"] == "completed" for row in board)
+    lrs = {row["params"]["learning_rate"] for row in board}
+    assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
 
 
 def _trial_pids() -> list[int]:
