@@ -158,8 +158,32 @@ def trial_resources(cfg: PipelineConfig) -> dict[str, float]:
     return {"cpu": cfg.tune.cpus_per_trial, "gpu": float(gpus)}
 
 
-def _leaderboard(results: "ResultGrid", cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """One row per trial, best first by tune.metric; failed trials keep their parameters and error."""
+def _asha(cfg: PipelineConfig) -> Any:
+    """ASHA that remembers which trials it stopped, so the leaderboard states its decision, not a guess."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class RecordingASHA(ASHAScheduler):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.stopped: set[str] = set()
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP:
+                self.stopped.add(trial.trial_id)
+            return decision
+
+    a = cfg.tune.asha
+    return RecordingASHA(time_attr="training_iteration", grace_period=a.grace_period,
+                         reduction_factor=a.reduction_factor, max_t=10_000)
+
+
+def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] | None) -> list[dict[str, Any]]:
+    """One row per trial, best first by tune.metric; failed trials keep their parameters and error.
+
+    ``stopped``: trial ids ASHA stopped; None after a --resume (its scheduler is new), when a trial
+    with fewer reports than the longest is taken as stopped.
+    """
     metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "min" else -1)
     most_reports = _max_reports(results)
     rows = []
@@ -173,7 +197,8 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig) -> list[dict[str, A
             continue
         best = df.loc[(df[metric] * sign).idxmin()]
         last = df.iloc[-1]
-        status = ("error" if r.error else "stopped early by ASHA" if len(df) < most_reports else "completed")
+        early = r.metrics.get("trial_id") in stopped if stopped is not None else len(df) < most_reports
+        status = "error" if r.error else "stopped early by ASHA" if early else "completed"
         rows.append({
             "trial": trial, "status": status, "params": params,
             metric: float(best[metric]), "best_eval_loss": float(best["eval_loss"]),
@@ -263,16 +288,12 @@ def _plot_curves(board: list[dict[str, Any]], png_uri: str, cfg: PipelineConfig)
 def tune(cfg: PipelineConfig, run: storage.RunPaths, resume: bool = False) -> dict[str, Any]:
     """Run the trials (or finish an interrupted search); returns the best trial's params, metric and adapter URI."""
     from ray import tune as rt
-    from ray.tune.schedulers import ASHAScheduler
 
     from ray_qlora.train import train_trial
 
     resources = trial_resources(cfg)
     planned = preflight(cfg, resources)
-    scheduler = None
-    if cfg.tune.asha.enabled:
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.asha.grace_period,
-                                  reduction_factor=cfg.tune.asha.reduction_factor, max_t=10_000)
+    scheduler = _asha(cfg) if cfg.tune.asha.enabled else None
     fs, root_path = storage.resolve(run.root, cfg.storage)
     # The config reaches trials through the object store, not the search space: the space holds only
     # what is sampled, so searchers and the leaderboard see the real parameters.
@@ -303,7 +324,7 @@ def tune(cfg: PipelineConfig, run: storage.RunPaths, resume: bool = False) -> di
         )
     log.info("tune: trials with %s each", resources)
     results = tuner.fit()
-    board = _leaderboard(results, cfg)
+    board = _leaderboard(results, cfg, None if resume else getattr(scheduler, "stopped", set()))
     _write_leaderboard(board, run, cfg)
     print(format_leaderboard(board, cfg.tune.metric), flush=True)
     if not any(cfg.tune.metric in row for row in board):

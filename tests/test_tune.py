@@ -139,3 +139,54 @@ def test_killed_trial_resumes_from_its_checkpoint(root: Path, tiny_model_dir: Pa
     (row,) = storage.read_json(outcome["result"]["leaderboard_uri"], run.cfg.storage)
     assert row["status"] == "completed" and row["last_step"] == 60
     assert row["resumed_from_step"] >= 10, "the retried trial must start from its checkpoint, not from step 0"
+
+
+def test_resume_without_an_interrupted_search_says_so(root: Path, tiny_model_dir: Path) -> None:
+    from ray_qlora.errors import StageOrderError
+
+    run = _prepared_run(root, tiny_model_dir, "never-started")
+    run.resume = True
+    with pytest.raises(StageOrderError, match="no interrupted search.*without --resume"):
+        run_stage(run, "tune")
+
+
+def _kill_tree(proc: Any) -> None:
+    """SIGKILL a driver and everything it started (its local Ray included): a crashed machine, as Tune sees it."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = _prepared_run(root, tiny_model_dir, "resumed", training={"max_steps": 40, "eval_steps": 10},
+                        tune={"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}}})
+    cfg_file = root / "resumed.yaml"
+    cfg_file.write_text(yaml.safe_dump(run.cfg.model_dump(mode="json")))
+    cli = [sys.executable, "-m", "ray_qlora.cli", "tune", str(cfg_file), "--run-id", "resumed"]
+    trials = Path(run.paths.root, "trials")
+    first = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(trials.glob("*/checkpoint_000000")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, "the search finished before it could be interrupted"
+    _kill_tree(first)
+    started = sorted(p.name for p in trials.iterdir() if p.is_dir() and p.name.startswith("train_trial"))
+    assert len(started) == 2
+
+    done = subprocess.run([*cli, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    board = storage.read_json(str(Path(run.paths.root, "tune", "leaderboard.json")), run.cfg.storage)
+    assert sorted(row["trial"] for row in board) == started, "the same trials, not new ones"
+    assert all(row["status"] == "completed" and row["last_step"] == 40 for row in board)
+    assert max(row["resumed_from_step"] for row in board) >= 10, "restored trials continue from their checkpoints"
