@@ -48,3 +48,15 @@ def test_train_throughput_smoke(capsys) -> None:  # noqa: ANN001
     assert (today["checkpointing"], today["micro_batch"]) == (True, 8)
     assert (new["checkpointing"], new["liger"]) == (False, False)  # what the planner picks on a CPU
     assert "ratio defaults / today" in capsys.readouterr().out
+
+
+def test_tune_overhead_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("tune_overhead").main(["--base", str(tiny_model_dir), "--steps", "4"])
+    assert out["bare_s"] > 0 and out["tune_s"] > 0 and "ratio" in capsys.readouterr().out
+
+
+def test_asha_vs_grid_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("asha_vs_grid").main(["--base", str(tiny_model_dir), "--smoke"])
+    assert out["grid"]["trials"] == out["asha"]["trials"] == 2
+    assert out["asha"]["trial_steps"] <= out["grid"]["trial_steps"] == 2 * 8  # ASHA never trains more
+    assert "ASHA / grid" in capsys.readouterr().out

@@ -163,13 +163,17 @@ def _kill_tree(proc: Any) -> None:
     proc.wait(timeout=30)
 
 
+def _state_has_checkpoint(trials: Path) -> bool:
+    return any("checkpoint_0000" in f.read_text(errors="replace") for f in trials.glob("experiment_state-*.json"))
+
+
 def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_model_dir: Path) -> None:
     import subprocess
     import sys
 
     import yaml
 
-    run = _prepared_run(root, tiny_model_dir, "resumed", training={"max_steps": 40, "eval_steps": 10},
+    run = _prepared_run(root, tiny_model_dir, "resumed", training={"max_steps": 100, "eval_steps": 10, "eval_max_examples": 8},
                         tune={"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}}})
     cfg_file = root / "resumed.yaml"
     cfg_file.write_text(yaml.safe_dump(run.cfg.model_dump(mode="json")))
@@ -177,7 +181,8 @@ def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_
     trials = Path(run.paths.root, "trials")
     first = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not any(trials.glob("*/checkpoint_000000")) and time.monotonic() < deadline:
+    # wait until the driver's saved search state knows a checkpoint: what a restore can resume from
+    while not _state_has_checkpoint(trials) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert first.poll() is None, "the search finished before it could be interrupted"
     _kill_tree(first)
@@ -188,5 +193,5 @@ def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_
     assert done.returncode == 0, done.stderr[-3000:]
     board = storage.read_json(str(Path(run.paths.root, "tune", "leaderboard.json")), run.cfg.storage)
     assert sorted(row["trial"] for row in board) == started, "the same trials, not new ones"
-    assert all(row["status"] == "completed" and row["last_step"] == 40 for row in board)
+    assert all(row["status"] == "completed" and row["last_step"] == 100 for row in board)
     assert max(row["resumed_from_step"] for row in board) >= 10, "restored trials continue from their checkpoints"
