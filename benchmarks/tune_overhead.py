@@ -1,8 +1,10 @@
 """Wall time of one trial under Ray Tune vs the same steps in a bare SFTTrainer, same process budget.
 
 Both sides load the same 4-bit base, train the same steps on the same
-prepared split with one CPU thread, and evaluate at the same steps. The Tune
-side is the whole tune stage: the pre-flight plan, the trial's actor, a
+prepared split with one CPU thread, and evaluate at the same steps. The bare
+side is what a user would otherwise run: a fresh Python process that
+imports the libraries and trains (``--bare RUN_ROOT CONFIG_JSON``). The Tune
+side is the whole tune stage: the pre-flight plan, the trial's worker, a
 checkpoint (adapter + optimizer state) uploaded at every evaluation, the
 leaderboard and plot. Prints both times and their ratio (target <= 1.10).
 
@@ -13,6 +15,7 @@ leaderboard and plot. Prints both times and their ratio (target <= 1.10).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -23,32 +26,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def bare(run: Any) -> float:
-    """Seconds for the trial's work without Tune: load, train, evaluate."""
+    """Seconds for the trial's work without Tune, in a fresh process: start, import, load, train, evaluate."""
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--bare", run.paths.root, run.cfg.model_dump_json()], check=True)
+    return time.perf_counter() - start
+
+
+def _bare_process(run_root: str, cfg_json: str) -> None:
     import torch
 
+    from ray_qlora.config import parse_config
     from ray_qlora.modeling import resolve_base
+    from ray_qlora.storage import RunPaths
     from ray_qlora.train import build_trainer, load_split
 
-    cfg = run.cfg
+    cfg, paths = parse_config(json.loads(cfg_json)), RunPaths(run_root)
     torch.set_num_threads(cfg.tune.cpus_per_trial)
     torch.manual_seed(cfg.run.seed)
-    start = time.perf_counter()
     base = resolve_base(cfg.model, cfg.storage)
-    train_ds, eval_ds = load_split(run.paths.train, cfg), load_split(run.paths.eval, cfg)
+    train_ds, eval_ds = load_split(paths.train, cfg), load_split(paths.eval, cfg)
     eval_ds = eval_ds.select(range(min(len(eval_ds), cfg.training.eval_max_examples or len(eval_ds))))
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(cfg, base, train_ds, eval_ds, out, "cpu")
         trainer.train()
         if trainer.state.global_step % cfg.training.eval_steps:
             trainer.evaluate()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--bare", nargs=2, metavar=("RUN_ROOT", "CONFIG_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bare:
+        _bare_process(*args.bare)
+        return {}
 
     import ray
 

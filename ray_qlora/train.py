@@ -176,7 +176,6 @@ def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eva
     from trl import SFTTrainer
 
     from ray_qlora.modeling import attach_lora, load_4bit_base, load_tokenizer
-
     from ray_qlora.plan import shape_from_config
 
     cfg, why = resolve_speed(cfg, shape_from_config(base_path), device)
@@ -237,7 +236,6 @@ def _tune_report_callback(device: str, resumed_from: int) -> "TrainerCallback":
             self.reported_step = -1
             self.started = time.monotonic()
             self.started_at = time.time()  # wall clock, to line trials up against each other
-            self.tokens_at_start: float | None = None
             import ray
 
             self.node_id = ray.get_runtime_context().get_node_id()
@@ -249,13 +247,11 @@ def _tune_report_callback(device: str, resumed_from: int) -> "TrainerCallback":
 
         def _metrics(self, state, metrics: dict[str, float]) -> dict[str, Any]:  # noqa: ANN001
             elapsed = time.monotonic() - self.started
-            tokens = self.last.get("num_tokens")
-            if tokens is not None and self.tokens_at_start is None:
-                self.tokens_at_start = 0.0 if not resumed_from else tokens
+            tokens = self.last.get("num_tokens")  # TRL's count of real tokens, from 0 in each worker
             return {"eval_loss": float(metrics["eval_loss"]),
                     "eval_mean_token_accuracy": float(metrics.get("eval_mean_token_accuracy", float("nan"))),
                     "train_loss": self.last.get("loss"), "step": state.global_step, "epoch": state.epoch,
-                    "tokens_per_s": None if tokens is None else (tokens - (self.tokens_at_start or 0.0)) / elapsed,
+                    "tokens_per_s": None if tokens is None else tokens / elapsed,
                     "peak_memory_gib": round(_peak_memory_gib(device), 3), "resumed_from_step": resumed_from,
                     "node_id": self.node_id, "started_at": self.started_at}
 
