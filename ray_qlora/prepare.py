@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 BUCKETS = ("train", "eval", "quarantine", "duplicate")
 # Bump when the stage's output changes for the same inputs, so caches are not reused across it.
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3  # 3: pieces of a render tokenized on their own
 
 
 def content_hash(messages: list[dict[str, str]]) -> str:
