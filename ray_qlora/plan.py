@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_qlora.config import PipelineConfig
+from ray_qlora.config import ConfigError, PipelineConfig
 
-__all__ = ["GIB", "ModelShape", "Plan", "llama_shape", "plan_trial", "shape_from_config"]
+__all__ = ["GIB", "ModelShape", "Plan", "llama_shape", "local_gpu_bytes", "model_shape", "plan_for_cli", "plan_trial",
+           "shape_from_config"]
 
 GIB = 2**30
 NF4_DQ_BYTES = 0.5 + (1 + 4 / 256) / 64  # 4-bit codes + 8-bit block scale per 64 + fp32 scale per 256 scales
@@ -254,12 +255,13 @@ def _resolved_plan(cfg: PipelineConfig, shape: ModelShape, budget: float) -> tup
 
 def model_shape(cfg: PipelineConfig, params: float | None) -> ModelShape:
     """The shape to plan for: a Llama of ``params`` parameters, or the configured base's own."""
-    from ray_qlora.config import ConfigError
     from ray_qlora.modeling import resolve_base
 
+    if params is not None:
+        if params <= 0:
+            raise ConfigError(f"plan: --params must be a positive number of parameters (got {params:g})")
+        return llama_shape(params)
     try:
-        if params is not None:
-            return llama_shape(params)
         return shape_from_config(resolve_base(cfg.model, cfg.storage))
     except (ValueError, OSError) as err:
         raise ConfigError(f"plan: model.base={cfg.model.base!r}: {err}") from None
@@ -270,8 +272,10 @@ def plan_for_cli(cfg: PipelineConfig, params: float | None, gpu_bytes: float | N
     shape = model_shape(cfg, params)
     head = (f"model: {shape.params / 1e9:.2f}B parameters (hidden {shape.hidden}, {shape.layers} layers, "
             f"vocab {shape.vocab}); LoRA r={cfg.lora.r} on {cfg.lora.target_modules}")
+    if gpu_bytes is not None and gpu_bytes <= 0:
+        raise ConfigError("plan: --gpu-memory-gb must be positive (24 for a 24 GB card)")
     if gpu_bytes is None:
-        gpu_bytes = _local_gpu_bytes()
+        gpu_bytes = local_gpu_bytes()
     if gpu_bytes is not None:
         plan, why = _resolved_plan(cfg, shape, gpu_bytes)
         lines = [head, plan.table(), *(f"  auto: {w}" for w in why)]
@@ -289,7 +293,8 @@ def plan_for_cli(cfg: PipelineConfig, params: float | None, gpu_bytes: float | N
     return CliReport("\n".join(lines), None)
 
 
-def _local_gpu_bytes() -> float | None:
+def local_gpu_bytes() -> float | None:
+    """Total memory of this process's first GPU; None without one."""
     try:
         import torch
     except ImportError:

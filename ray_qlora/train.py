@@ -113,12 +113,6 @@ def _sft_args(cfg: PipelineConfig, output_dir: str, device: str, packed: bool = 
     )
 
 
-def _gpu_bytes() -> float:
-    import torch
-
-    return float(torch.cuda.get_device_properties(0).total_memory)
-
-
 def resolve_speed(cfg: PipelineConfig, shape: "ModelShape", device: str,
                   gpu_bytes: float | None = None) -> tuple[PipelineConfig, list[str]]:
     """The config with the 'auto' speed settings decided for this device, and why each was.
@@ -131,7 +125,7 @@ def resolve_speed(cfg: PipelineConfig, shape: "ModelShape", device: str,
     """
     import importlib.util
 
-    from ray_qlora.plan import plan_trial
+    from ray_qlora.plan import local_gpu_bytes, plan_trial
 
     t = cfg.training
     why: list[str] = []
@@ -151,19 +145,18 @@ def resolve_speed(cfg: PipelineConfig, shape: "ModelShape", device: str,
             batch = min(8, t.max_auto_batch_size)
             why.append(f"micro-batch {batch}: the CPU default")
     else:
-        budget = gpu_bytes if gpu_bytes is not None else _gpu_bytes()
-        probe = plan_trial(cfg, shape, budget, checkpointing=False, liger=bool(liger),
-                           micro_batch=batch if isinstance(batch, int) else 1)
+        budget = gpu_bytes if gpu_bytes is not None else local_gpu_bytes() or 0.0
+        wanted = batch if isinstance(batch, int) else 1  # an 'auto' batch needs at least one row to fit
+        probe = plan_trial(cfg, shape, budget, checkpointing=False, liger=bool(liger), micro_batch=wanted)
         if ckpt == "auto":
-            ckpt = not (probe.max_micro_batch_without_checkpointing or 0) >= (batch if isinstance(batch, int) else 1)
-            why.append(f"checkpointing {'on' if ckpt else 'off'}: the planner puts micro-batch "
-                       f"{batch if isinstance(batch, int) else 1} without it at {probe.total / 2**30:.1f} GiB of a "
-                       f"{budget * 0.95 / 2**30:.1f} GiB budget")
+            ckpt = (probe.max_micro_batch_without_checkpointing or 0) < wanted
+            why.append(f"checkpointing {'on' if ckpt else 'off'}: the planner puts micro-batch {wanted} without "
+                       f"it at {probe.total / 2**30:.1f} GiB of a {probe.budget / 2**30:.1f} GiB budget")
         if batch == "auto":
             fit = probe.max_micro_batch_with_checkpointing if ckpt else probe.max_micro_batch_without_checkpointing
             batch = max(1, min(t.max_auto_batch_size, fit or 1))
             why.append(f"micro-batch {batch}: the largest of at most {t.max_auto_batch_size} the planner fits "
-                       f"in {budget * 0.95 / 2**30:.1f} GiB with checkpointing {'on' if ckpt else 'off'}")
+                       f"in {probe.budget / 2**30:.1f} GiB with checkpointing {'on' if ckpt else 'off'}")
     resolved = cfg.with_overrides({"training.gradient_checkpointing": bool(ckpt), "training.use_liger": bool(liger),
                                    "training.batch_size": int(batch)})
     return resolved, why

@@ -189,7 +189,7 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] |
     rows = []
     for r in results:
         df = r.metrics_dataframe
-        params = {k: v for k, v in (r.config or {}).items()}
+        params = dict(r.config or {})
         trial = r.path.rstrip("/").split("/")[-1]
         if df is None or metric not in df or df[metric].isna().all():
             rows.append({"trial": trial, "status": "error", "params": params,

@@ -113,3 +113,23 @@ def test_explicit_settings_are_kept() -> None:
                              llama_shape(1.7e9), "cuda", gpu_bytes=139 * GIB)
     assert (cfg.training.gradient_checkpointing, cfg.training.use_liger, cfg.training.batch_size) == (True, False, 2)
     assert why == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--params", "-5"], "--params must be a positive number"),
+    (["--params", "7e9", "--gpu-memory-gb", "0"], "--gpu-memory-gb must be positive"),
+])
+def test_plan_cli_bad_numbers_get_one_line_and_exit_2(args: list[str], message: str, capsys) -> None:  # noqa: ANN001
+    from ray_qlora.cli import main
+
+    assert main(["plan", "jobs/configs/demo.yaml", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_cli_says_whether_it_fits(capsys) -> None:  # noqa: ANN001
+    from ray_qlora.cli import main
+
+    assert main(["plan", "jobs/configs/demo.yaml", "--params", "65e9", "--gpu-memory-gb", "24"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", "jobs/configs/demo.yaml", "--params", "7e9", "--gpu-memory-gb", "24"]) == 0
+    assert "-> fits" in capsys.readouterr().out
