@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray_qlora.errors import UserError
 
 __all__ = [
+    "ADAPTER_NAME",
     "ConfigError",
     "PipelineConfig",
     "load_config",
@@ -144,6 +145,10 @@ class ModelConfig(_Strict):
         "smollm2-135m-instruct",
         description="'smollm2-135m-instruct' (embedded), a local folder, an s3:// folder, or a hub id.")
     quantization: QuantizationConfig = QuantizationConfig()
+    allow_pickle: bool = Field(
+        False, description="Load .bin/.pt weights (pickle: loading one can run code). Off: safetensors only.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a model (auto_map). Off unless you trust its source.")
 
 
 class LoraConfig(_Strict):
@@ -318,12 +323,84 @@ class MergeConfig(_Strict):
                     "merged weights to 16 bits may flip a near-tie token, a wrong merge flips most.")
 
 
+METRICS = ("exact_match", "normalized_match", "valid_json", "json_match", "field_accuracy", "regex_match")
+
+
 class EvalConfig(_Strict):
-    max_examples: int = Field(64, ge=1, description="Held-out examples generated on.")
+    max_examples: int | None = Field(
+        64, ge=1, description="Held-out examples generated on; null: the whole eval split.")
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call in an actor.")
     task: Literal["auto", "exact_match", "json"] = Field(
         "auto", description="'json' adds valid-JSON rate and field accuracy; 'auto' picks it when answers are JSON.")
+    metrics: list[Literal[METRICS]] | None = Field(  # type: ignore[valid-type]
+        None, description=f"Metrics to report, from {', '.join(METRICS)}; null: chosen by eval.task.")
+    regex: str | None = Field(None, description="Pattern a prediction must fully match, for regex_match.")
+    scorer: str | None = Field(
+        None, description="A user metric 'module:function', called as f(prediction, reference) -> float in [0, 1].")
+    num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Generation actors (one model each); 'auto': one per GPU, else one per 2 CPUs.")
+    cpus_per_actor: int = Field(1, ge=1)
+    compare_adapter: bool = Field(
+        False, description="Also score the unmerged base + adapter on the same prompts (merged should equal it).")
+    samples: int = Field(8, ge=0, description="Side-by-side samples in the markdown summary.")
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression: {err}") from None
+        return v
+
+    @field_validator("scorer")
+    @classmethod
+    def _module_function(cls, v: str | None) -> str | None:
+        if v is not None and (v.count(":") != 1 or not all(v.split(":"))):
+            raise ValueError("write it as 'package.module:function'")
+        return v
+
+    @model_validator(mode="after")
+    def _regex_given(self) -> "EvalConfig":
+        if self.metrics and "regex_match" in self.metrics and not self.regex:
+            raise ValueError("metrics has regex_match: set eval.regex to the pattern")
+        return self
+
+
+# One pattern for adapter names, from the config, the CLI and (later) requests:
+# nothing that could be a path or a URI.
+ADAPTER_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
+ADAPTER_NAME_RULE = "1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+
+
+class AdaptersConfig(_Strict):
+    publish: bool = Field(True, description="Publish the best adapter of tune to <output_uri>/adapters/.")
+    name: str | None = Field(
+        None, description="Registry name the adapter is published under; the run id when unset.")
+    top_k: int = Field(1, ge=1, description="Also publish the runners-up as <name>-rank2 ... <name>-rank<k>.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(ADAPTER_NAME, v):
+            raise ValueError(f"{v!r} is not a valid adapter name ({ADAPTER_NAME_RULE})")
+        return v
+
+
+class ExportConfig(_Strict):
+    gguf: Literal["f16", "q8_0"] | None = Field(
+        "f16", description="Write <merged>/model-<type>.gguf for llama.cpp/Ollama (Llama-architecture models); "
+                           "null: no GGUF.")
+    verify_gguf: bool = Field(True, description="Reload the GGUF with transformers and compare logits.")
+    gguf_max_logit_diff: float = Field(
+        0.5, gt=0, description="Largest |logit difference| (relative to the largest logit) a GGUF may show.")
+    ollama: bool = Field(True, description="Write an Ollama Modelfile next to the merged model and in the adapter.")
 
 
 class AutoscalingConfig(_Strict):
@@ -368,6 +445,8 @@ class PipelineConfig(_Strict):
     tune: TuneConfig = TuneConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
+    adapters: AdaptersConfig = AdaptersConfig()
+    export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")

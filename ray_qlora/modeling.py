@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ray_qlora.config import LoraConfig, ModelConfig, QuantizationConfig, StorageConfig
+from ray_qlora.config import ConfigError, LoraConfig, ModelConfig, QuantizationConfig, StorageConfig
 
 if TYPE_CHECKING:  # heavy imports stay out of CLI start-up
     import torch
@@ -26,7 +27,9 @@ if TYPE_CHECKING:  # heavy imports stay out of CLI start-up
 __all__ = [
     "EMBEDDED_MODELS",
     "attach_lora",
+    "base_fingerprint",
     "cache_dir",
+    "check_weights_policy",
     "compute_dtype_name",
     "load_16bit",
     "load_4bit_base",
@@ -126,9 +129,11 @@ def resolve_base(model: ModelConfig, storage: StorageConfig) -> Path:
         out = cache_dir() / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16]
         if not (out / "config.json").is_file():
             st.copy_dir_from(ref, out, storage)
+        check_weights_policy(out, model)
         return out
     local = Path(ref[len("file://"):] if ref.startswith("file://") else ref).expanduser()
     if local.is_dir():
+        check_weights_policy(local, model)
         return local.absolute()
     if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
         return Path(ref)  # a hub id
@@ -137,7 +142,53 @@ def resolve_base(model: ModelConfig, storage: StorageConfig) -> Path:
         "a local folder, an s3:// folder or a hub id")
 
 
-def load_tokenizer(path: Path | str, chat_template: str | None = None) -> "PreTrainedTokenizerBase":
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_policy(folder: Path, model: ModelConfig) -> None:
+    """Refuse what the config has not allowed: pickled weights, and models that ship their own code.
+
+    Loading a pickle runs whatever it holds; an ``auto_map`` in config.json
+    means the model needs Python from its folder. Both are off unless the
+    config turns them on (model.allow_pickle, model.trust_remote_code).
+    """
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES) and f != "training_args.bin")
+    if pickles and not has_safetensors and not model.allow_pickle:
+        raise ConfigError(f"model.base: {folder} holds pickled weights only ({', '.join(pickles[:3])}); loading "
+                          "a pickle can run code. Convert them to safetensors, or set model.allow_pickle: true "
+                          "if you trust the source")
+    config = folder / "config.json"
+    if config.is_file() and "auto_map" in json.loads(config.read_text()) and not model.trust_remote_code:
+        raise ConfigError(f"model.base: {folder} needs its own Python code (auto_map in config.json); set "
+                          "model.trust_remote_code: true only if you trust its source")
+
+
+def base_fingerprint(folder: Path) -> str:
+    """sha256 over a model folder's config and weight files: which base an adapter belongs to.
+
+    Cached per folder, size and modification time, since a base is hashed by several stages.
+    """
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and (f.name == "config.json" or f.name.endswith(".safetensors")))
+    key = (str(folder), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def load_tokenizer(path: Path | str, chat_template: str | None = None,
+                   trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
     """The tokenizer at ``path`` with ``data.chat_template`` applied (see data/templating.py).
 
     A saved merged model carries the template it was trained with, so callers
@@ -147,7 +198,7 @@ def load_tokenizer(path: Path | str, chat_template: str | None = None) -> "PreTr
 
     from ray_qlora.data.templating import set_chat_template
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     try:
@@ -168,13 +219,15 @@ def compute_dtype_name(quant: QuantizationConfig, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def load_4bit_base(path: Path | str, quant: QuantizationConfig, device: str) -> "PreTrainedModel":
+def load_4bit_base(path: Path | str, quant: QuantizationConfig, device: str,
+                   trust_remote_code: bool = False) -> "PreTrainedModel":
     """The frozen base: NF4 weights (double-quantized), matmuls in compute_dtype."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch_dtype(compute_dtype_name(quant, device))
     if not quant.load_in_4bit:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=compute, device_map={"": device})
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=compute, device_map={"": device},
+                                                    trust_remote_code=trust_remote_code)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -182,7 +235,8 @@ def load_4bit_base(path: Path | str, quant: QuantizationConfig, device: str) -> 
         bnb_4bit_compute_dtype=compute,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), quantization_config=bnb, dtype=compute, device_map={"": device})
+        str(path), quantization_config=bnb, dtype=compute, device_map={"": device},
+        trust_remote_code=trust_remote_code)
     if device == "cpu":
         _keep_trainable_layout(model)
     return model
@@ -221,9 +275,10 @@ def attach_lora(model: "PreTrainedModel", lora: LoraConfig, gradient_checkpointi
     return get_peft_model(model, peft_cfg)
 
 
-def load_16bit(path: Path | str, dtype: str, device: str) -> "PreTrainedModel":
+def load_16bit(path: Path | str, dtype: str, device: str, trust_remote_code: bool = False) -> "PreTrainedModel":
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), device_map={"": device},
+                                                 trust_remote_code=trust_remote_code)
     model.eval()
     return model

@@ -98,7 +98,8 @@ class _RowProcessor:
 
         self.cfg = parse_config(json.loads(cfg_json))
         d = self.cfg.data
-        self.tok = load_tokenizer(resolve_base(self.cfg.model, self.cfg.storage), d.chat_template)
+        self.tok = load_tokenizer(resolve_base(self.cfg.model, self.cfg.storage), d.chat_template,
+                                 trust_remote_code=self.cfg.model.trust_remote_code)
         self.eot = end_of_turn_id(self.tok)
         self.formats = [s.format or d.format for s in d.all_sources()]
         self.schema = _processed_schema()

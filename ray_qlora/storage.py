@@ -180,6 +180,14 @@ class RunPaths:
         return cls(join(output_uri, "runs", run_id))
 
     @property
+    def run_id(self) -> str:
+        return self.root.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def gguf(self) -> str:
+        return join(self.root, "gguf")
+
+    @property
     def run_json(self) -> str:
         return join(self.root, "run.json")
 

@@ -175,8 +175,8 @@ def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eva
     for reason in why:
         log.info("train: %s", reason)
     packed = _training_mode(train_ds, eval_ds, cfg.data.max_seq_length)
-    tok = load_tokenizer(base_path, cfg.data.chat_template)
-    model = load_4bit_base(base_path, cfg.model.quantization, device)
+    tok = load_tokenizer(base_path, cfg.data.chat_template, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_4bit_base(base_path, cfg.model.quantization, device, trust_remote_code=cfg.model.trust_remote_code)
     model = attach_lora(model, cfg.lora, bool(cfg.training.gradient_checkpointing))
     args = _sft_args(cfg, output_dir, device, packed, checkpoints)
     return SFTTrainer(model=model, args=args, train_dataset=train_ds,

@@ -66,7 +66,7 @@ def tokenizer_checks(base: Path, cfg: PipelineConfig) -> Callable[[], dict[str, 
     from ray_qlora.modeling import load_tokenizer
 
     try:
-        tok = load_tokenizer(base, cfg.data.chat_template)
+        tok = load_tokenizer(base, cfg.data.chat_template, trust_remote_code=cfg.model.trust_remote_code)
     except ValueError as err:
         raise DataError(f"pre-flight check 'chat_template' failed: {err}") from None
     eot = end_of_turn_id(tok)

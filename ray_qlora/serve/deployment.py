@@ -41,8 +41,9 @@ class ChatServer:
         if device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.serve.cpus_per_replica)))
         local = storage.copy_dir_from(model_uri, None, self.cfg.storage)
-        self.tok = load_tokenizer(local)
-        self.model = load_16bit(local, inference_dtype(self.cfg.merge.dtype, device), device)
+        self.tok = load_tokenizer(local, trust_remote_code=self.cfg.model.trust_remote_code)
+        self.model = load_16bit(local, inference_dtype(self.cfg.merge.dtype, device), device,
+                                 trust_remote_code=self.cfg.model.trust_remote_code)
         self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
 
     @app.get("/health")
