@@ -38,7 +38,9 @@ def _stage(name: str) -> Callable[[PipelineConfig, argparse.Namespace], int]:
         from ray_qlora.pipeline import Run, connect_ray, run_stage
 
         connect_ray(cfg)
-        result = run_stage(Run(cfg, args.run_id, resume=getattr(args, "resume", False)), name)
+        run = Run(cfg, args.run_id, resume=getattr(args, "resume", False),
+                  allow_config_change=args.allow_config_change)
+        result = run_stage(run, name)
         if name == "evaluate":
             print(result["table"])
         if name == "serve":
@@ -63,10 +65,39 @@ def _serve_until_interrupted(cfg: PipelineConfig, args: argparse.Namespace, serv
         pass
 
 
+def _adapters(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """list | show | publish | delete on the adapter registry (no Ray needed)."""
+    import json
+
+    from ray_qlora import adapters
+
+    if args.action == "list":
+        print(adapters.format_list(adapters.list_adapters(cfg)))
+    elif args.action == "show":
+        print(json.dumps(adapters.show(cfg, _required(args, "name"), args.version), indent=2, sort_keys=True))
+    elif args.action == "delete":
+        for gone in adapters.delete(cfg, _required(args, "name"), args.version):
+            print(f"deleted {gone}")
+    else:  # publish: a finished search of --run-id
+        from ray_qlora.pipeline import Run
+
+        run = Run(cfg, args.run_id or cfg.run.run_id or _required(args, "run_id"))
+        for p in adapters.publish_run(cfg, run.paths, run.run_id, run.output("tune"), args.name, args.top_k):
+            print(f"published {p['name']}/{p['version']} at {p['uri']}")
+    return 0
+
+
+def _required(args: argparse.Namespace, name: str) -> str:
+    value = getattr(args, name)
+    if not value:
+        raise UserError(f"`ray-qlora adapters {args.action}` needs --{name.replace('_', '-')}")
+    return value
+
+
 def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from ray_qlora.pipeline import run_pipeline
 
-    run = run_pipeline(cfg, run_id=args.run_id)
+    run = run_pipeline(cfg, run_id=args.run_id, allow_config_change=args.allow_config_change)
     print(run.output("evaluate")["table"])
     _serve_until_interrupted(cfg, args, run.output("serve"))
     return 0
@@ -81,7 +112,11 @@ VERBS: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], int]]
     "merge": ("merge the best adapter into the 16-bit base and verify it", _stage("merge")),
     "evaluate": ("base vs tuned on the held-out split", _stage("evaluate")),
     "serve": ("deploy the merged model behind an OpenAI-compatible API (Ray Serve)", _stage("serve")),
+    "adapters": ("the adapter registry: list | show | publish | delete", _adapters),
 }
+
+
+STAGE_VERBS = ("run", "prepare", "tune", "merge", "evaluate", "serve")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,11 +124,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
     for verb, (help_, _) in VERBS.items():
         sp = sub.add_parser(verb, help=help_)
+        if verb == "adapters":
+            sp.add_argument("action", choices=("list", "show", "publish", "delete"))
         sp.add_argument("config", help="pipeline YAML file")
         sp.add_argument("--run-id", help="run folder name (default: run.run_id, else a timestamp)")
         sp.add_argument("--no-wait", action="store_true", help="return after deploying even on a local Ray")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)")
+        if verb in STAGE_VERBS:
+            sp.add_argument("--allow-config-change", action="store_true",
+                            help="run although the config changes what earlier stages of the run were built from")
+        if verb == "adapters":
+            sp.add_argument("--name", help="adapter name (publish: default adapters.name, else the run id)")
+            sp.add_argument("--version", help="v1, v2, ... (default: the latest; delete: every version)")
+            sp.add_argument("--top-k", type=int, help="publish: also the runners-up, as <name>-rank2 ...")
         if verb == "tune":
             sp.add_argument("--resume", action="store_true",
                             help="finish an interrupted search of this run (same trials, from their checkpoints)")

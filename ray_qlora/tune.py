@@ -208,10 +208,20 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] |
             if "resumed_from_step" in df else 0,
             "error": _first_line(r.error) if r.error else None,
             "node_id": last.get("node_id"), "started_at": _num(last.get("started_at")),
+            "adapter_uri": _checkpoint_uri(r, cfg),
             "curve": {"step": [int(x) for x in df["step"]], "eval_loss": [float(x) for x in df["eval_loss"]],
                       "train_loss": [_num(x) for x in df.get("train_loss", [])]},
         })
     return sorted(rows, key=lambda x: sign * x[metric] if metric in x else float("inf"))
+
+
+def _checkpoint_uri(result: Any, cfg: PipelineConfig) -> str | None:
+    """URI of a trial's best checkpoint (its adapter), for the registry's top-k."""
+    ckpt = result.get_best_checkpoint(metric=cfg.tune.metric, mode=cfg.tune.mode)
+    if ckpt is None:
+        return None
+    fs_type = type(ckpt.filesystem).__name__ if ckpt.filesystem is not None else ""
+    return ("s3://" if "S3" in fs_type else "") + ckpt.path
 
 
 def _first_line(err: BaseException) -> str:
