@@ -1,24 +1,35 @@
-"""Stage 4, evaluate: base vs tuned on the held-out split.
+"""Stage 4, evaluate: base vs tuned on the held-out split, generated on the cluster.
 
-Two kinds of figure: eval loss (teacher-forced, on assistant tokens only,
-like training) and task metrics from greedy generation: exact match, and
-when the answers are JSON, the valid-JSON rate and per-field accuracy.
-Writes report.json and a bar chart, and returns the table it prints.
+Generation is Ray Data batch inference: the eval rows flow through a pool of
+actors that each load the model once (on a GPU where the cluster has them),
+so an eval set of thousands of rows uses every node. Each actor also scores
+the rows teacher-forced (loss on assistant tokens only, like training).
+
+Metrics come from the config (eval.metrics, eval.regex, eval.scorer): exact
+and normalised match, valid-JSON rate, JSON equality and per-field accuracy,
+a regex, and a user function. Writes report.json, summary.md (the table and
+side-by-side samples) and a bar chart, and puts the figures in the model card.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
-from typing import Any
+import re
+import string
+import unicodedata
+from typing import Any, Callable
 
 from ray_qlora import storage
-from ray_qlora.config import PipelineConfig
+from ray_qlora.config import ConfigError, PipelineConfig
 
-__all__ = ["evaluate", "format_table", "task_metrics"]
+__all__ = ["evaluate", "format_table", "load_scorer", "normalize", "task_metrics"]
 
 log = logging.getLogger(__name__)
+
+_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def _parse_json(text: str) -> Any:
@@ -28,70 +39,203 @@ def _parse_json(text: str) -> Any:
         return None
 
 
-def task_metrics(predictions: list[str], references: list[str], task: str = "auto") -> dict[str, float]:
-    """exact_match always; valid_json, json_match and field_accuracy when the references are JSON objects."""
+def normalize(text: str) -> str:
+    """Lower case, no punctuation, single spaces: 'Take 5 mg.' and 'take 5mg' stay apart, case and stops don't."""
+    text = unicodedata.normalize("NFKC", text).lower().translate(_PUNCT)
+    return " ".join(text.split())
+
+
+def load_scorer(spec: str) -> Callable[[str, str], float]:
+    """``module:function`` -> the function; a ConfigError naming eval.scorer if it cannot be imported."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"invalid config: eval.scorer: cannot import {spec!r} ({err})") from None
+    if not callable(fn):
+        raise ConfigError(f"invalid config: eval.scorer: {spec!r} is not a function")
+    return fn
+
+
+def _json_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     n = len(references)
-    m: dict[str, float] = {"exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n}
     refs = [_parse_json(r) for r in references]
-    is_json = task == "json" or (task == "auto" and all(isinstance(r, dict) for r in refs))
-    if is_json:
-        preds = [_parse_json(p) for p in predictions]
-        m["valid_json"] = sum(isinstance(p, dict) for p in preds) / n
-        m["json_match"] = sum(p == r for p, r in zip(preds, refs)) / n
-        fields = [(k, v, p) for p, r in zip(preds, refs) if isinstance(r, dict) for k, v in r.items()]
-        m["field_accuracy"] = (sum(isinstance(p, dict) and p.get(k) == v for k, v, p in fields) / len(fields)
-                               if fields else 0.0)
-    return m
+    preds = [_parse_json(p) for p in predictions]
+    fields = [(k, v, p) for p, r in zip(preds, refs) if isinstance(r, dict) for k, v in r.items()]
+    return {"valid_json": sum(isinstance(p, dict) for p in preds) / n,
+            "json_match": sum(p == r for p, r in zip(preds, refs)) / n,
+            "field_accuracy": (sum(isinstance(p, dict) and p.get(k) == v for k, v, p in fields) / len(fields)
+                               if fields else 0.0)}
 
 
-def _eval_loss(model: Any, cfg: PipelineConfig, run: storage.RunPaths, batch_size: int) -> float:
-    """Mean token loss on assistant tokens of the eval split."""
-    import torch
+def _chosen_metrics(references: list[str], task: str, metrics: list[str] | None, regex: str | None) -> list[str]:
+    if metrics:
+        return list(metrics)
+    is_json = task == "json" or (task == "auto" and all(isinstance(_parse_json(r), dict) for r in references))
+    chosen = ["exact_match", "normalized_match"]
+    chosen += ["valid_json", "json_match", "field_accuracy"] if is_json else []
+    return chosen + (["regex_match"] if regex else [])
 
-    from ray_qlora.train import load_split
 
-    ds = load_split(run.eval, cfg)
-    total, count = 0.0, 0
-    for i in range(0, len(ds), batch_size):
-        rows = ds[i:i + batch_size]
-        width = max(len(x) for x in rows["input_ids"])
-        pad = lambda seqs, v: torch.tensor([s + [v] * (width - len(s)) for s in seqs])  # noqa: E731
-        ids, labels = pad(rows["input_ids"], 0), pad(rows["labels"], -100)
-        mask = pad([[1] * len(s) for s in rows["input_ids"]], 0)  # right padding is masked out
+def task_metrics(predictions: list[str], references: list[str], task: str = "auto",
+                 metrics: list[str] | None = None, regex: str | None = None,
+                 scorer: Callable[[str, str], float] | None = None) -> dict[str, float]:
+    """Each chosen metric as the share of examples (0..1); ``scorer``'s mean under its function name."""
+    n = len(references)
+    if not n:
+        return {}
+    out: dict[str, float] = {}
+    chosen = _chosen_metrics(references, task, metrics, regex)
+    if "exact_match" in chosen:
+        out["exact_match"] = sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n
+    if "normalized_match" in chosen:
+        out["normalized_match"] = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / n
+    if any(m in chosen for m in ("valid_json", "json_match", "field_accuracy")):
+        out.update({k: v for k, v in _json_metrics(predictions, references).items() if k in chosen})
+    if "regex_match" in chosen and regex:
+        pattern = re.compile(regex)
+        out["regex_match"] = sum(bool(pattern.fullmatch(p.strip())) for p in predictions) / n
+    if scorer is not None:
+        scores = [float(scorer(p, r)) for p, r in zip(predictions, references)]
+        out[getattr(scorer, "__name__", "scorer")] = sum(scores) / n
+    return out
+
+
+class _Generator:
+    """A Ray Data actor: one model, loaded once; greedy answers and teacher-forced loss per batch."""
+
+    def __init__(self, cfg_json: str, model_ref: str, adapter_uri: str | None = None) -> None:
+        import torch
+
+        from ray_qlora.config import parse_config
+        from ray_qlora.generation import inference_dtype
+        from ray_qlora.modeling import load_16bit, load_tokenizer, pick_device, resolve_base
+
+        cfg = self.cfg = parse_config(json.loads(cfg_json))
+        device = pick_device()
+        if device == "cpu":
+            torch.set_num_threads(cfg.eval.cpus_per_actor)
+        trust = cfg.model.trust_remote_code
+        if model_ref == "base":  # the base as training saw it: the config's chat template applied
+            path = resolve_base(cfg.model, cfg.storage)
+            self.tok = load_tokenizer(path, cfg.data.chat_template, trust_remote_code=trust)
+        else:  # a merged folder carries its own template
+            path = storage.copy_dir_from(model_ref, None, cfg.storage)
+            self.tok = load_tokenizer(path, trust_remote_code=trust)
+        self.model = load_16bit(path, inference_dtype(cfg.merge.dtype, device), device, trust)
+        if adapter_uri:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(storage.copy_dir_from(adapter_uri, None, cfg.storage)))
+            self.model.eval()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from ray_qlora.generation import generate
+
+        convs = [json.loads(m)[:-1] for m in batch["messages"]]
+        outs = generate(self.model, self.tok, convs, self.cfg.eval.max_new_tokens, len(convs))
+        losses = [self._loss(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
+        return {"content_hash": batch["content_hash"], "prediction": [o["text"] for o in outs],
+                "completion_tokens": [o["completion_tokens"] for o in outs],
+                "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
+
+    def _loss(self, ids: list[int], labels: list[int]) -> tuple[float, int]:
+        """Summed loss over one row's assistant tokens (position t predicts token t+1), and their count."""
+        import torch
+
+        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        y = torch.tensor(labels[1:], dtype=torch.long, device=self.model.device)  # Arrow gives int32
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        # position t predicts token t+1
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(model.device),
-            ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((labels[:, 1:] != -100).sum())
-    return total / max(count, 1)
+            logits = self.model(input_ids=x).logits[0, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
+        return float(loss), int((y != -100).sum())
 
 
-def _score(name: str, model_path: Any, cfg: PipelineConfig, run: storage.RunPaths,
-           prompts: list[tuple[list[dict[str, str]], str]], dtype: str, device: str) -> dict[str, Any]:
-    from ray_qlora.generation import generate
-    from ray_qlora.modeling import load_16bit, load_tokenizer
+def eval_rows(cfg: PipelineConfig, run: storage.RunPaths) -> "Any":
+    """The held-out rows evaluated: sorted by content hash (stable across runs), the first eval.max_examples."""
+    import pyarrow.dataset as pads
 
-    log.info("evaluate: scoring %s on %d prompts", name, len(prompts))
-    model, tok = load_16bit(model_path, dtype, device), load_tokenizer(model_path, cfg.data.chat_template)
-    outs = generate(model, tok, [p for p, _ in prompts], cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    preds = [o["text"] for o in outs]
-    metrics = {"eval_loss": _eval_loss(model, cfg, run, cfg.eval.batch_size),
-               **task_metrics(preds, [r for _, r in prompts], cfg.eval.task)}
+    fs, path = storage.resolve(run.eval, cfg.storage)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["content_hash", "messages", "input_ids", "labels"]).sort_by("content_hash")
+    return table.slice(0, cfg.eval.max_examples) if cfg.eval.max_examples else table
+
+
+def _actors(cfg: PipelineConfig, rows: int) -> tuple[int, float]:
+    """(actors, GPUs per actor): one per GPU where the cluster has them, else one per cpus_per_actor CPUs."""
+    import ray
+
+    if cfg.eval.num_actors != "auto":
+        n = cfg.eval.num_actors
+    else:
+        res = ray.cluster_resources()
+        gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+        n = gpus or max(1, cpus // cfg.eval.cpus_per_actor)
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    batches = max(1, math.ceil(rows / cfg.eval.batch_size))
+    return max(1, min(n, batches)), (1.0 if has_gpu else 0.0)
+
+
+def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
+                        adapter_uri: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run one model over the rows on a Ray Data actor pool: {content_hash: prediction, loss...}."""
+    import ray
+
+    actors, gpus = _actors(cfg, table.num_rows)
+    log.info("evaluate: %s on %d rows with %d actor(s)%s", model_ref if model_ref == "base" else "tuned model",
+             table.num_rows, actors, " (1 GPU each)" if gpus else "")
+    ds = ray.data.from_arrow(table).map_batches(
+        _Generator, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "model_ref": model_ref,
+                                           "adapter_uri": adapter_uri},
+        batch_size=cfg.eval.batch_size, batch_format="numpy", concurrency=actors,
+        num_cpus=cfg.eval.cpus_per_actor, num_gpus=gpus)
+    return {r["content_hash"]: r for r in ds.take_all()}
+
+
+def _score(name: str, cfg: PipelineConfig, table: Any, model_ref: str, adapter_uri: str | None = None,
+           scorer: Callable[[str, str], float] | None = None) -> dict[str, Any]:
+    out = generate_on_cluster(cfg, table, model_ref, adapter_uri)
+    hashes = table.column("content_hash").to_pylist()
+    refs = [json.loads(m)[-1]["content"] for m in table.column("messages").to_pylist()]
+    preds = [out[h]["prediction"] for h in hashes]
+    loss = sum(out[h]["loss_sum"] for h in hashes) / max(1, sum(out[h]["loss_tokens"] for h in hashes))
+    metrics = {"eval_loss": loss, **task_metrics(preds, refs, cfg.eval.task, cfg.eval.metrics, cfg.eval.regex,
+                                                 scorer)}
+    log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in metrics.items()})
     return {"metrics": metrics, "predictions": preds}
 
 
 def format_table(report: dict[str, Any]) -> str:
-    base, tuned = report["base"], report["tuned"]
-    lines = [f"{'metric':<16}{'base':>10}{'tuned':>10}{'delta':>10}"]
-    for k in base:
-        b, t = base[k], tuned[k]
+    cols = [c for c in ("base", "tuned", "adapter") if c in report]
+    lines = [f"{'metric':<18}" + "".join(f"{c:>10}" for c in cols) + f"{'delta':>10}"]
+    for k in report["tuned"]:
         pct = k != "eval_loss"
         fmt = (lambda x: f"{x:>9.1%} ") if pct else (lambda x: f"{x:>10.4f}")
-        lines.append(f"{k:<16}{fmt(b)}{fmt(t)}{(t - b) * (100 if pct else 1):>+9.{1 if pct else 4}f}{'pp' if pct else ''}")
+        b, t = report["base"][k], report["tuned"][k]
+        delta = f"{(t - b) * (100 if pct else 1):>+9.{1 if pct else 4}f}{'pp' if pct else ''}"
+        lines.append(f"{k:<18}" + "".join(fmt(report[c][k]) for c in cols) + delta)
     return "\n".join(lines)
+
+
+def _summary_md(report: dict[str, Any]) -> str:
+    """summary.md: the table, then prompts with the reference and each model's answer side by side."""
+    cols = [c for c in ("base", "tuned", "adapter") if c in report]
+    lines = ["# Evaluation: base vs tuned", "", f"{report['examples']} held-out examples; "
+             f"generated by {report['actors']} actor(s) per model.", "",
+             "| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in report["tuned"]:
+        fmt = (lambda x: f"{x:.4f}") if k == "eval_loss" else (lambda x: f"{x:.1%}")
+        lines.append(f"| {k} | " + " | ".join(fmt(report[c][k]) for c in cols) + " |")
+    if "merged_vs_adapter_agreement" in report:
+        lines += ["", f"Merged and unmerged (base + adapter) gave the same answer on "
+                      f"{report['merged_vs_adapter_agreement']:.1%} of prompts."]
+    lines += ["", "## Samples", ""]
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    lines += ["| prompt | reference | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for s in report["samples"]:
+        lines.append(f"| {cell(s['prompt'])} | {cell(s['reference'])} | "
+                     + " | ".join(cell(s.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(report: dict[str, Any], png_uri: str, cfg: PipelineConfig) -> None:
@@ -101,11 +245,11 @@ def _plot(report: dict[str, Any], png_uri: str, cfg: PipelineConfig) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in report["base"] if k != "eval_loss"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(keys)), 4))
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [report["base"][k] * 100 for k in keys], 0.4, label="base")
     ax.bar([x + 0.2 for x in xs], [report["tuned"][k] * 100 for k in keys], 0.4, label="tuned")
-    ax.set_xticks(list(xs), keys)
+    ax.set_xticks(list(xs), keys, rotation=15)
     ax.set_ylabel("% of held-out examples")
     ax.set_ylim(0, 118)
     ax.set_title(f"base vs tuned (eval loss {report['base']['eval_loss']:.3f} -> {report['tuned']['eval_loss']:.3f})")
@@ -113,26 +257,34 @@ def _plot(report: dict[str, Any], png_uri: str, cfg: PipelineConfig) -> None:
     storage.write_figure(fig, png_uri, cfg.storage)
 
 
-def evaluate(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
-    """Score the base and the merged model; write report.json and base_vs_tuned.png."""
-    from ray_qlora.generation import eval_prompts, inference_dtype
-    from ray_qlora.modeling import pick_device, resolve_base
+def evaluate(cfg: PipelineConfig, run: storage.RunPaths, merge_result: dict[str, Any] | None = None,
+             adapter_uri: str | None = None) -> dict[str, Any]:
+    """Score the base and the merged model (and the unmerged adapter if asked); write the report files."""
+    from ray_qlora.model_card import write_card
 
-    device = pick_device()
-    dtype = inference_dtype(cfg.merge.dtype, device)
-    prompts = eval_prompts(cfg, run, cfg.eval.max_examples)
-    merged = storage.copy_dir_from(run.merged, None, cfg.storage)
-    base = _score("base", resolve_base(cfg.model, cfg.storage), cfg, run, prompts, dtype, device)
-    tuned = _score("tuned", merged, cfg, run, prompts, dtype, device)
-    report = {
-        "examples": len(prompts),
-        "base": base["metrics"],
-        "tuned": tuned["metrics"],
-        "samples": [{"prompt": p[-1]["content"], "reference": r, "base": b, "tuned": t}
-                    for (p, r), b, t in zip(prompts[:5], base["predictions"], tuned["predictions"])],
-    }
+    scorer = load_scorer(cfg.eval.scorer) if cfg.eval.scorer else None
+    table = eval_rows(cfg, run)
+    base = _score("base", cfg, table, "base", scorer=scorer)
+    tuned = _score("tuned", cfg, table, run.merged, scorer=scorer)
+    report: dict[str, Any] = {"examples": table.num_rows, "actors": _actors(cfg, table.num_rows)[0],
+                              "base": base["metrics"], "tuned": tuned["metrics"]}
+    preds = {"base": base["predictions"], "tuned": tuned["predictions"]}
+    if cfg.eval.compare_adapter and adapter_uri:
+        adapter = _score("adapter", cfg, table, "base", adapter_uri, scorer)
+        report["adapter"], preds["adapter"] = adapter["metrics"], adapter["predictions"]
+        report["merged_vs_adapter_agreement"] = (
+            sum(a == b for a, b in zip(adapter["predictions"], tuned["predictions"])) / max(1, table.num_rows))
+    msgs = [json.loads(m) for m in table.column("messages").to_pylist()]
+    report["samples"] = [{"prompt": m[-2]["content"] if len(m) > 1 else "", "reference": m[-1]["content"],
+                          **{k: v[i] for k, v in preds.items()}} for i, m in enumerate(msgs[:cfg.eval.samples])]
     storage.write_json(run.report, report, cfg.storage)
+    storage.write_json(storage.join(run.eval_dir, "predictions.json"),
+                       [{"content_hash": h, **{k: v[i] for k, v in preds.items()}}
+                        for i, h in enumerate(table.column("content_hash").to_pylist())], cfg.storage)
+    storage.write_bytes(storage.join(run.eval_dir, "summary.md"), _summary_md(report).encode(), cfg.storage)
     _plot(report, storage.join(run.eval_dir, "base_vs_tuned.png"), cfg)
+    if merge_result is not None:
+        write_card(cfg, run, run.run_id, merge_result, report)
     report["table"] = format_table(report)
     log.info("evaluate:\n%s", report["table"])
     if not all(math.isfinite(v) for v in report["tuned"].values()):

@@ -60,3 +60,11 @@ def test_asha_vs_grid_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN0
     assert out["grid"]["trials"] == out["asha"]["trials"] == 2
     assert out["asha"]["trial_steps"] <= out["grid"]["trial_steps"] == 2 * 8  # ASHA never trains more
     assert "ASHA / grid" in capsys.readouterr().out
+
+
+def test_eval_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("eval_throughput").main(["--base", str(tiny_model_dir), "--rows", "8", "--batch-size", "2",
+                                         "--new-tokens", "4"])
+    assert out["rows"] == 8 and out["one"]["rows_per_s"] > 0 and out["two"]["rows_per_s"] > 0
+    assert out["same_answers"] == 1.0  # more actors change how fast, never what is generated
+    assert "ratio 2 actors / 1 actor" in capsys.readouterr().out
