@@ -398,8 +398,10 @@ class ExportConfig(_Strict):
         "f16", description="Write <merged>/model-<type>.gguf for llama.cpp/Ollama (Llama-architecture models); "
                            "null: no GGUF.")
     verify_gguf: bool = Field(True, description="Reload the GGUF with transformers and compare logits.")
-    gguf_max_logit_diff: float = Field(
-        0.5, gt=0, description="Largest |logit difference| (relative to the largest logit) a GGUF may show.")
+    gguf_max_logit_diff: float | None = Field(
+        None, gt=0, description="Largest logit difference (relative to the largest logit) the GGUF may show "
+                                "against the merged model; null: 0.01 for f16, 0.05 for q8_0 (measured on "
+                                "SmolLM2-135M: 0 and 0.021).")
     ollama: bool = Field(True, description="Write an Ollama Modelfile next to the merged model and in the adapter.")
 
 

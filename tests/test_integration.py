@@ -39,7 +39,8 @@ def finished_run(local_s3, ray_local, tiny_model_dir: Path):  # noqa: ANN001, AN
         "tune": {"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}}, "max_concurrent_trials": 2,
                  "asha": {"enabled": False}},
         "merge": {"dtype": "float32", "verify_prompts": 3, "verify_max_new_tokens": 8, "verify_min_match": 1.0},
-        "eval": {"max_examples": 4, "max_new_tokens": 8},
+        "eval": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 2, "compare_adapter": True},
+        "adapters": {"name": "med-orders", "top_k": 2},
         "serve": {"port": free_port(), "model_name": "tiny", "max_new_tokens": 16},
     })
     upload_sample("s3://it-bucket/raw", cfg.storage)
@@ -87,10 +88,61 @@ def test_merged_export_is_complete_and_verified(finished_run) -> None:  # noqa: 
 def test_evaluate_report(finished_run) -> None:  # noqa: ANN001
     cfg, run = finished_run
     report = storage.read_json(run.paths.report, cfg.storage)
-    for side in ("base", "tuned"):
-        assert {"eval_loss", "exact_match", "valid_json", "field_accuracy"} <= set(report[side])
+    for side in ("base", "tuned", "adapter"):
+        assert {"eval_loss", "exact_match", "normalized_match", "valid_json", "field_accuracy"} <= set(report[side])
     assert report["examples"] == 4
-    assert storage.exists(storage.join(run.paths.eval_dir, "base_vs_tuned.png"), cfg.storage)
+    # 4 rows in batches of 2 on a 4-CPU Ray: two generation actors, each with its own model
+    assert report["actors"] == 2
+    # merged in float32, the merged model answers exactly as base + adapter does
+    assert report["merged_vs_adapter_agreement"] == 1.0
+    assert report["adapter"]["eval_loss"] == pytest.approx(report["tuned"]["eval_loss"], rel=1e-4)
+    assert report["tuned"]["eval_loss"] != pytest.approx(report["base"]["eval_loss"], rel=1e-3)
+    for name in ("base_vs_tuned.png", "summary.md", "predictions.json"):
+        assert storage.exists(storage.join(run.paths.eval_dir, name), cfg.storage), name
+    summary = storage.read_bytes(storage.join(run.paths.eval_dir, "summary.md"), cfg.storage).decode()
+    assert "| metric | base | tuned | adapter |" in summary and "## Samples" in summary
+    card = storage.read_bytes(storage.join(run.paths.merged, "README.md"), cfg.storage).decode()
+    assert "## Evaluation" in card and f"{report['tuned']['exact_match']:.1%}" in card
+
+
+def test_best_and_runner_up_adapters_published_with_lineage(finished_run) -> None:  # noqa: ANN001
+    import hashlib
+
+    from ray_qlora import adapters
+    from ray_qlora.modeling import base_fingerprint
+
+    cfg, run = finished_run
+    published = run.output("tune")["published"]
+    assert [(p["name"], p["version"]) for p in published] == [("med-orders", "v1"), ("med-orders-rank2", "v1")]
+    best = adapters.show(cfg, "med-orders")
+    board = storage.read_json(run.output("tune")["leaderboard_uri"], cfg.storage)
+    assert best["trial"] == board[0]["trial"] and best["rank"] == 1
+    assert best["metrics"]["best_eval_loss"] == board[0]["best_eval_loss"]
+    assert best["params"]["learning_rate"] == board[0]["params"]["learning_rate"]
+    assert best["base_model"]["sha256"] == base_fingerprint(Path(cfg.model.base))
+    assert best["data_manifest_sha256"] == hashlib.sha256(
+        storage.read_bytes(run.paths.manifest, cfg.storage)).hexdigest()
+    assert best["lora"]["r"] == 4 and best["run_id"] == "it"
+    assert adapters.show(cfg, "med-orders-rank2")["trial"] == board[1]["trial"]
+    files = {f.rsplit("/", 1)[-1] for f in storage.list_files(best["uri"], cfg.storage)}
+    assert {"adapter_model.safetensors", "adapter_config.json", "chat_template.jinja", "Modelfile",
+            "metadata.json"} <= files
+    assert "optimizer.pt" not in files  # the registry holds the adapter, not the trial's resume state
+
+
+def test_exports_gguf_modelfile_and_card(finished_run) -> None:  # noqa: ANN001
+    cfg, run = finished_run
+    merge_res = run.output("merge")
+    gguf = merge_res["gguf"]
+    assert gguf["gguf_type"] == "f16" and gguf["tokenizer_match"] is True
+    assert gguf["max_rel_logit_diff"] < 0.01  # f16 of a float32 tiny model: rounding only
+    assert storage.exists(gguf["uri"], cfg.storage) and storage.exists(storage.join(run.paths.gguf, "Modelfile"),
+                                                                      cfg.storage)
+    modelfile = storage.read_bytes(storage.join(run.paths.merged, "Modelfile"), cfg.storage).decode()
+    assert modelfile.startswith("FROM .") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    card = storage.read_bytes(storage.join(run.paths.merged, "README.md"), cfg.storage).decode()
+    assert merge_res["base_sha256"] in card and merge_res["data_manifest_sha256"] in card
+    assert run.output("tune")["best_trial"] in card
 
 
 def test_chat_completion_through_openai_sdk(finished_run) -> None:  # noqa: ANN001
