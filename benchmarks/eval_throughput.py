@@ -32,8 +32,10 @@ def _side(run: Any, table: Any, actors: int, batch_size: int, new_tokens: int) -
     out = generate_on_cluster(cfg, table, "base")
     wall = time.perf_counter() - start
     tokens = sum(r["completion_tokens"] for r in out.values())
-    print(f"    {actors} actor(s): {wall:.1f}s, {len(out)} rows, {tokens} tokens", flush=True)
-    return {"wall_s": wall, "rows_per_s": len(out) / wall, "tokens_per_s": tokens / wall,
+    used = len({r["actor"] for r in out.values()})
+    print(f"    {actors} actor(s): {wall:.1f}s, {len(out)} rows, {tokens} tokens, {used} actor(s) generated",
+          flush=True)
+    return {"wall_s": wall, "rows_per_s": len(out) / wall, "tokens_per_s": tokens / wall, "actors_used": used,
             "predictions": [out[h]["prediction"] for h in table.column("content_hash").to_pylist()]}
 
 

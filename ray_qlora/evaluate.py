@@ -111,7 +111,10 @@ class _Generator:
         from ray_qlora.generation import inference_dtype
         from ray_qlora.modeling import load_16bit, load_tokenizer, pick_device, resolve_base
 
+        import ray
+
         cfg = self.cfg = parse_config(json.loads(cfg_json))
+        self.actor_id = ray.get_runtime_context().get_actor_id() or "driver"
         device = pick_device()
         if device == "cpu":
             torch.set_num_threads(cfg.eval.cpus_per_actor)
@@ -136,6 +139,7 @@ class _Generator:
         outs = generate(self.model, self.tok, convs, self.cfg.eval.max_new_tokens, len(convs))
         losses = [self._loss(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
         return {"content_hash": batch["content_hash"], "prediction": [o["text"] for o in outs],
+                "actor": [self.actor_id] * len(outs),
                 "completion_tokens": [o["completion_tokens"] for o in outs],
                 "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
 
@@ -184,7 +188,11 @@ def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
     actors, gpus = _actors(cfg, table.num_rows)
     log.info("evaluate: %s on %d rows with %d actor(s)%s", model_ref if model_ref == "base" else "tuned model",
              table.num_rows, actors, " (1 GPU each)" if gpus else "")
-    ds = ray.data.from_arrow(table).map_batches(
+    # One block per batch: Ray Data hands blocks to actors, so a single block
+    # would keep every actor but one idle.
+    size = cfg.eval.batch_size
+    blocks = [table.slice(i, size) for i in range(0, table.num_rows, size)] or [table]
+    ds = ray.data.from_arrow(blocks).map_batches(
         _Generator, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "model_ref": model_ref,
                                            "adapter_uri": adapter_uri},
         batch_size=cfg.eval.batch_size, batch_format="numpy", concurrency=actors,
@@ -202,7 +210,7 @@ def _score(name: str, cfg: PipelineConfig, table: Any, model_ref: str, adapter_u
     metrics = {"eval_loss": loss, **task_metrics(preds, refs, cfg.eval.task, cfg.eval.metrics, cfg.eval.regex,
                                                  scorer)}
     log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in metrics.items()})
-    return {"metrics": metrics, "predictions": preds}
+    return {"metrics": metrics, "predictions": preds, "actors": len({r["actor"] for r in out.values()})}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -266,7 +274,7 @@ def evaluate(cfg: PipelineConfig, run: storage.RunPaths, merge_result: dict[str,
     table = eval_rows(cfg, run)
     base = _score("base", cfg, table, "base", scorer=scorer)
     tuned = _score("tuned", cfg, table, run.merged, scorer=scorer)
-    report: dict[str, Any] = {"examples": table.num_rows, "actors": _actors(cfg, table.num_rows)[0],
+    report: dict[str, Any] = {"examples": table.num_rows, "actors": tuned["actors"],
                               "base": base["metrics"], "tuned": tuned["metrics"]}
     preds = {"base": base["predictions"], "tuned": tuned["predictions"]}
     if cfg.eval.compare_adapter and adapter_uri:

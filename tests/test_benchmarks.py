@@ -66,5 +66,6 @@ def test_eval_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: A
     out = _load("eval_throughput").main(["--base", str(tiny_model_dir), "--rows", "8", "--batch-size", "2",
                                          "--new-tokens", "4"])
     assert out["rows"] == 8 and out["one"]["rows_per_s"] > 0 and out["two"]["rows_per_s"] > 0
+    assert (out["one"]["actors_used"], out["two"]["actors_used"]) == (1, 2)  # both actors got work
     assert out["same_answers"] == 1.0  # more actors change how fast, never what is generated
     assert "ratio 2 actors / 1 actor" in capsys.readouterr().out

@@ -91,7 +91,7 @@ def test_evaluate_report(finished_run) -> None:  # noqa: ANN001
     for side in ("base", "tuned", "adapter"):
         assert {"eval_loss", "exact_match", "normalized_match", "valid_json", "field_accuracy"} <= set(report[side])
     assert report["examples"] == 4
-    # 4 rows in batches of 2 on a 4-CPU Ray: two generation actors, each with its own model
+    # 4 rows in batches of 2 on a 4-CPU Ray: two generation actors, each with its own model, both generated
     assert report["actors"] == 2
     # merged in float32, the merged model answers exactly as base + adapter does
     assert report["merged_vs_adapter_agreement"] == 1.0
