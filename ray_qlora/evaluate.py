@@ -30,6 +30,7 @@ __all__ = ["evaluate", "format_table", "load_scorer", "normalize", "task_metrics
 log = logging.getLogger(__name__)
 
 _PUNCT = str.maketrans("", "", string.punctuation)
+ACTOR_START_TIMEOUT_S = 600  # model load per actor; past this the cluster cannot fit the pool: fail, not hang
 
 
 def _parse_json(text: str) -> Any:
@@ -188,16 +189,22 @@ def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
     actors, gpus = _actors(cfg, table.num_rows)
     log.info("evaluate: %s on %d rows with %d actor(s)%s", model_ref if model_ref == "base" else "tuned model",
              table.num_rows, actors, " (1 GPU each)" if gpus else "")
-    # One block per batch: Ray Data hands blocks to actors, so a single block
-    # would keep every actor but one idle.
+    # One block per batch, one batch in flight per actor, and no rows handed out before
+    # every actor has its model loaded: otherwise the first actor up takes the whole queue.
     size = cfg.eval.batch_size
     blocks = [table.slice(i, size) for i in range(0, table.num_rows, size)] or [table]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        _Generator, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "model_ref": model_ref,
-                                           "adapter_uri": adapter_uri},
-        batch_size=cfg.eval.batch_size, batch_format="numpy", concurrency=actors,
-        num_cpus=cfg.eval.cpus_per_actor, num_gpus=gpus)
-    return {r["content_hash"]: r for r in ds.take_all()}
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, ACTOR_START_TIMEOUT_S
+    try:
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _Generator, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "model_ref": model_ref,
+                                               "adapter_uri": adapter_uri},
+            batch_size=size, batch_format="numpy", num_cpus=cfg.eval.cpus_per_actor, num_gpus=gpus,
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1))
+        rows = ds.take_all()
+    finally:
+        ctx.wait_for_min_actors_s = saved
+    return {r["content_hash"]: r for r in rows}
 
 
 def _score(name: str, cfg: PipelineConfig, table: Any, model_ref: str, adapter_uri: str | None = None,
