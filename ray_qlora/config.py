@@ -426,8 +426,22 @@ class ServeConfig(_Strict):
     autoscaling: AutoscalingConfig | None = None
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float | Literal["auto"] = "auto"
-    max_new_tokens: int = Field(256, ge=1, description="Cap on max_tokens per request.")
+    max_new_tokens: int = Field(
+        256, ge=1, description="Most tokens a request may ask for (larger max_tokens: 400); also the default.")
     max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger: 400.")
+    max_context: int | None = Field(
+        None, ge=16, description="Prompt + completion tokens a request may use; null: the model's context.")
+    auth: Literal["api_key", "none"] = Field(
+        "api_key", description="'api_key': requests need 'Authorization: Bearer <key>'; 'none' opens the "
+                               "endpoint to anyone who can reach it (set it on purpose, e.g. the local demo).")
+    api_key_env: str = Field(
+        "RAY_QLORA_API_KEYS", description="Environment variable holding the accepted keys, comma-separated.")
+    api_key_file: str | None = Field(
+        None, description="A file of accepted keys, one per line (e.g. a mounted Kubernetes Secret).")
+    app_name: str | None = Field(
+        None, description="Ray Serve application name; 'ray-qlora-<model name>' when unset, so deploying "
+                          "another run does not replace this one.")
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "ServeConfig":

@@ -16,19 +16,24 @@ import pytest
 from ray_qlora import storage
 from ray_qlora.config import parse_config
 from ray_qlora.data.sample import SYSTEM_PROMPT
-from ray_qlora.demo import ask, upload_sample
+from ray_qlora.demo import upload_sample
 from ray_qlora.local_s3 import free_port
 
 pytestmark = pytest.mark.integration
 
+API_KEY = "it-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
 
 @pytest.fixture(scope="module")
-def finished_run(local_s3, ray_local, tiny_model_dir: Path):  # noqa: ANN001, ANN201
+def finished_run(local_s3, ray_local, tiny_model_dir: Path, tmp_path_factory):  # noqa: ANN001, ANN201
     from ray import serve
 
     from ray_qlora.pipeline import run_pipeline
 
     local_s3.create_bucket("it-bucket")
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"{API_KEY}\n")
     cfg = parse_config({
         "run": {"output_uri": "s3://it-bucket/out", "run_id": "it", "seed": 1},
         "data": {"input_uris": ["s3://it-bucket/raw/"], "system_prompt": SYSTEM_PROMPT,
@@ -41,7 +46,8 @@ def finished_run(local_s3, ray_local, tiny_model_dir: Path):  # noqa: ANN001, AN
         "merge": {"dtype": "float32", "verify_prompts": 3, "verify_max_new_tokens": 8, "verify_min_match": 1.0},
         "eval": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 2, "compare_adapter": True},
         "adapters": {"name": "med-orders", "top_k": 2},
-        "serve": {"port": free_port(), "model_name": "tiny", "max_new_tokens": 16},
+        "serve": {"port": free_port(), "model_name": "tiny", "max_new_tokens": 16, "max_body_bytes": 65536,
+                  "api_key_file": str(key_file)},
     })
     upload_sample("s3://it-bucket/raw", cfg.storage)
     run = run_pipeline(cfg)
@@ -145,37 +151,107 @@ def test_exports_gguf_modelfile_and_card(finished_run) -> None:  # noqa: ANN001
     assert run.output("tune")["best_trial"] in card
 
 
-def test_chat_completion_through_openai_sdk(finished_run) -> None:  # noqa: ANN001
-    _, run = finished_run
-    served = run.output("serve")
+def _client(run):  # noqa: ANN001, ANN202
     from openai import OpenAI
 
-    client = OpenAI(base_url=served["base_url"], api_key="x")
+    return OpenAI(base_url=run.output("serve")["base_url"], api_key=API_KEY)
+
+
+def test_chat_completion_through_openai_sdk(finished_run) -> None:  # noqa: ANN001
+    _, run = finished_run
+    client = _client(run)
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Give aspirin 81 mg PO daily."}],
-                                          max_tokens=5, temperature=0)
+    msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
+    resp = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0)
     choice = resp.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert resp.usage.completion_tokens <= 5 and resp.usage.prompt_tokens > 0
     assert choice.finish_reason in ("stop", "length")
-    # greedy decoding is deterministic, and the helper the demo uses agrees
-    again = ask(served["base_url"], "tiny", None, "Give aspirin 81 mg PO daily.")
-    assert isinstance(again, str)
+    # greedy decoding is deterministic, and content given as text parts is the same request
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Give aspirin 81 mg PO daily."}]}]
+    again = client.chat.completions.create(model="tiny", messages=parts, max_tokens=5, temperature=0)
+    assert again.choices[0].message.content == choice.message.content
+
+
+def test_streaming_gives_the_same_text_and_usage(finished_run) -> None:  # noqa: ANN001
+    _, run = finished_run
+    client = _client(run)
+    msgs = [{"role": "user", "content": "Give metformin 500 mg PO BID."}]
+    whole = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stop_sequences_are_honoured_also_while_streaming(finished_run) -> None:  # noqa: ANN001
+    from ray_qlora.generation import cut_at_stop
+
+    _, run = finished_run
+    client = _client(run)
+    msgs = [{"role": "user", "content": "Give lisinopril 10 mg PO QD."}]
+    free = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
+    answer = free.choices[0].message.content
+    assert len(answer) >= 6, answer
+    stop = answer[len(answer) // 2:len(answer) // 2 + 2]  # a piece from the middle of the greedy answer
+    expected = cut_at_stop(answer, [stop])[0].strip()
+    cut = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0, stop=stop,
+                                              stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_text_completions(finished_run) -> None:  # noqa: ANN001
+    _, run = finished_run
+    client = _client(run)
+    out = client.completions.create(model="tiny", prompt="The dose is", max_tokens=4, temperature=0)
+    assert out.object == "text_completion" and out.usage.completion_tokens <= 4 and out.usage.prompt_tokens == 3
+    streamed = list(client.completions.create(model="tiny", prompt="The dose is", max_tokens=4, temperature=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text
 
 
 def test_bad_requests_get_4xx_with_error_body(finished_run) -> None:  # noqa: ANN001
     _, run = finished_run
-    url = run.output("serve")["base_url"] + "/chat/completions"
+    base = run.output("serve")["base_url"]
+    url = base + "/chat/completions"
+    user = [{"role": "user", "content": "x"}]
     cases = [
-        (b"{oops", 400),
-        (json.dumps({"model": "tiny", "messages": []}).encode(), 400),
-        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": -1}).encode(), 400),
-        (json.dumps({"model": "other", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
+        (b"{oops", 400, None),
+        (json.dumps({"model": "tiny", "messages": []}).encode(), 400, None),
+        (json.dumps({"model": "tiny", "messages": user, "temperature": -1}).encode(), 400, None),
+        (json.dumps({"model": "tiny", "messages": user, "n": 2}).encode(), 400, None),
+        (json.dumps({"model": "other", "messages": user}).encode(), 404, "model_not_found"),
+        (json.dumps({"model": "tiny", "messages": user, "max_tokens": 17}).encode(), 400, "max_tokens_exceeded"),
+        # the tiny model's context is 512 tokens
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "dose " * 600}]}).encode(), 400,
+         "context_length_exceeded"),
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 70000}]}).encode(), 400,
+         "request_too_large"),
     ]
-    for body, status in cases:
-        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    for body, status, code in cases:
+        r = httpx.post(url, content=body, headers={"content-type": "application/json", **AUTH}, timeout=30)
         assert r.status_code == status, r.text
         assert set(r.json()["error"]) >= {"message", "type"}
+        if code:
+            assert r.json()["error"]["code"] == code, r.text
+    ok = json.dumps({"model": "tiny", "messages": user, "max_tokens": 2}).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(url, content=ok, headers={"content-type": "application/json", **headers}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    # the replica is still fine after all that
+    assert httpx.post(url, content=ok, headers={"content-type": "application/json", **AUTH}, timeout=30).status_code == 200
+    root = base.removesuffix("/v1")
+    assert httpx.get(root + "/health/live", timeout=30).status_code == 200
+    ready = httpx.get(root + "/health/ready", timeout=60)
+    assert ready.status_code == 200 and ready.json()["generated_tokens"] == 1
 
 
 def test_stage_verbs_read_earlier_results(finished_run) -> None:  # noqa: ANN001

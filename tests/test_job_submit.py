@@ -66,8 +66,10 @@ def _job_config(tmp: Path, tiny_model_dir: Path, port: int) -> Path:
         "tune": {"search_space": {"lora_r": {"values": [2, 4]}}, "max_concurrent_trials": 2},
         "merge": {"dtype": "float32", "verify_prompts": 2, "verify_max_new_tokens": 4},
         "eval": {"max_examples": 2, "max_new_tokens": 4},
-        "serve": {"port": port, "model_name": "job-model", "max_new_tokens": 8},
+        "serve": {"port": port, "model_name": "job-model", "max_new_tokens": 8,
+                  "api_key_file": str(tmp / "keys.txt")},  # auth stays on: the key file is what a Secret mounts
     }
+    (tmp / "keys.txt").write_text("job-key-1\n")
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -104,7 +106,10 @@ def test_pipeline_as_a_job(head: dict, local_s3, tiny_model_dir: Path, tmp_path:
     assert rec["stages"]["tune"]["result"]["trials"] == 2
 
     # Serve runs in the cluster, so the endpoint is still up after the job's driver exited.
-    resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
-                      json={"model": "job-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    url, body = f"http://127.0.0.1:{port}/v1/chat/completions", {
+        "model": "job-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    refused = httpx.post(url, timeout=60, json=body)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    resp = httpx.post(url, timeout=60, json=body, headers={"Authorization": "Bearer job-key-1"})
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["message"]["role"] == "assistant"

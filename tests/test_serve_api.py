@@ -5,18 +5,40 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from ray_qlora.serve.api import APIError, ChatCompletionRequest, make_app
+from ray_qlora.serve.api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Limits,
+    check_budget,
+    check_model,
+    chunk_body,
+    make_app,
+    sse,
+)
 
 
 @pytest.fixture()
-def client() -> TestClient:
-    app = make_app()
+def limits() -> Limits:
+    return Limits(max_body_bytes=4096, api_keys=None)
+
+
+@pytest.fixture()
+def client(limits: Limits) -> TestClient:
+    """The real app factory with routes that echo what the schemas parsed (the model itself is not needed)."""
+    app = make_app(limits)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest) -> dict:
-        if req.model != "m":
-            raise APIError(404, "no such model", "model", code="model_not_found")
-        return {"budget": req.token_budget(16)}
+        return {"budget": req.requested_tokens(16), "conversation": req.conversation(), "stops": req.stops}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> dict:
+        return {"prompt": req.prompt, "budget": req.requested_tokens(99)}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
 
     return TestClient(app)
 
@@ -28,10 +50,18 @@ def _err(resp) -> dict:  # noqa: ANN001
     return body["error"]
 
 
-def test_valid_request_and_token_cap(client: TestClient) -> None:
-    r = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                                 "max_tokens": 500, "unknown_field": 1})
-    assert r.status_code == 200 and r.json() == {"budget": 16}
+def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", json={
+        "model": "m", "unknown_field": 1, "max_completion_tokens": 7, "stop": "END",
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "line one"},
+                                                  {"type": "text", "text": "line two"}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"budget": 7, "stops": ["END"], "conversation": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "line one\nline two"}]}
+    r = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                 "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.json()["budget"] == 16
 
 
 @pytest.mark.parametrize("body, param", [
@@ -41,7 +71,10 @@ def test_valid_request_and_token_cap(client: TestClient) -> None:
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content.0.type"),
     ({"model": "m", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
 ])
 def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, param: str) -> None:
@@ -56,10 +89,103 @@ def test_invalid_json_body(client: TestClient) -> None:
     assert r.status_code == 400 and "not valid JSON" in _err(r)["message"]
 
 
-def test_unknown_model_and_route(client: TestClient) -> None:
-    r = client.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "q"}]})
-    assert r.status_code == 404 and _err(r)["code"] == "model_not_found"
+def test_unknown_model_is_404_in_openai_words() -> None:
+    check_model("served", "served")
+    with pytest.raises(APIError) as err:
+        check_model("other", "served")
+    assert (err.value.status, err.value.code, err.value.param) == (404, "model_not_found", "model")
+    assert "'served'" in err.value.message
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
     r = client.get("/v1/nope")
     assert r.status_code == 404 and _err(r)["code"] == "not_found"
     r = client.get("/v1/chat/completions")
     assert r.status_code == 405
+
+
+def test_completions_schema(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "m", "prompt": ["Once upon"]})
+    assert r.status_code == 200 and r.json() == {"prompt": "Once upon", "budget": 16}  # OpenAI's default 16
+    for body, param in (({"model": "m", "prompt": ["a", "b"]}, "prompt"), ({"model": "m", "prompt": ""}, "prompt"),
+                        ({"model": "m", "prompt": "a", "echo": True}, "echo")):
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and _err(r)["param"] == param
+
+
+@pytest.mark.parametrize("prompt_tokens, requested, code", [(10, 17, "max_tokens_exceeded"),
+                                                            (60, 16, "context_length_exceeded")])
+def test_token_limits_name_the_limit_and_the_value(prompt_tokens: int, requested: int, code: str) -> None:
+    assert check_budget(10, 16, 16, 64, "max_tokens") == 16
+    with pytest.raises(APIError) as err:
+        check_budget(prompt_tokens, requested, 16, 64, "max_tokens")
+    assert err.value.status == 400 and err.value.code == code
+    assert str(requested if code == "max_tokens_exceeded" else prompt_tokens + requested) in err.value.message
+    assert ("16" if code == "max_tokens_exceeded" else "64") in err.value.message
+
+
+def test_body_over_the_limit_is_refused_before_parsing(client: TestClient) -> None:
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+    r = client.post("/v1/chat/completions", json=big)
+    assert r.status_code == 400 and _err(r)["code"] == "request_too_large"
+    assert "limit of 4096" in _err(r)["message"]
+
+    def chunks():  # no content-length: counted as it streams in
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and _err(r)["code"] == "request_too_large"
+
+
+def test_api_keys(client: TestClient, limits: Limits) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    limits.api_keys = ["k-one", "k-two"]
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 401 and _err(r)["code"] == "invalid_api_key" and "didn't provide" in _err(r)["message"]
+    r = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k-wrong"})
+    assert r.status_code == 401 and _err(r)["message"] == "Incorrect API key provided"
+    assert "k-wrong" not in r.text and "k-one" not in r.text  # keys are never echoed
+    for key in ("k-one", "k-two"):
+        assert client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert client.get("/health").status_code == 200  # probes need no key
+    limits.api_keys = None
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_api_keys_from_env_and_file(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from ray_qlora.config import ConfigError, parse_config
+    from ray_qlora.serve.deployment import api_keys
+
+    def cfg(**serve: object) -> object:
+        return parse_config({"run": {"output_uri": "x"}, "data": {"input_uris": ["x"]}, "serve": serve})
+
+    monkeypatch.delenv("RAY_QLORA_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="no key is set.*RAY_QLORA_API_KEYS.*serve.auth: none"):
+        api_keys(cfg())
+    assert api_keys(cfg(auth="none")) is None
+    monkeypatch.setenv("RAY_QLORA_API_KEYS", "a, b,,")
+    (tmp_path / "keys").write_text("c\n\nd\n")
+    assert api_keys(cfg(api_key_file=str(tmp_path / "keys"))) == ["a", "b", "c", "d"]
+
+
+def test_stream_chunks_follow_openai_shapes() -> None:
+    first = chunk_body("chat", "id1", "m", "", first=True)
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant",
+                                                                                          "content": ""}
+    last = chunk_body("chat", "id1", "m", None, finish_reason="stop")
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "stop"
+    usage = chunk_body("chat", "id1", "m", None, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
+    assert chunk_body("text", "id2", "m", "abc")["choices"][0]["text"] == "abc"
+    assert sse("[DONE]") == "data: [DONE]\n\n" and sse({"a": 1}) == 'data: {"a": 1}\n\n'
+
+
+def test_api_module_needs_neither_ray_nor_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, ray_qlora.serve.api; print('ray' in sys.modules or 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -1,15 +1,20 @@
-"""The OpenAI-compatible HTTP surface: request schemas and error bodies.
+"""The OpenAI-compatible HTTP surface: request schemas, limits, API keys, error and stream bodies.
 
 Kept free of Ray and torch so it can be read (and tested) on its own. Every
 error a client can cause is a 4xx with OpenAI's body shape:
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``, and is raised before any
+generation starts: a request can be refused, never run a replica out of time
+or memory.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +22,23 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["APIError", "ChatCompletionRequest", "ChatMessage", "completion_body", "make_app", "models_body"]
+__all__ = [
+    "APIError",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "Limits",
+    "check_budget",
+    "check_model",
+    "chunk_body",
+    "completion_body",
+    "make_app",
+    "models_body",
+    "sse",
+    "text_completion_body",
+]
+
+OPEN_PATHS = ("/health", "/health/live", "/health/ready")  # probes never need a key
 
 
 class APIError(Exception):
@@ -33,32 +54,92 @@ class APIError(Exception):
             "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"content parts of type {v!r} are not supported; send text parts")
+        return v
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    @field_validator("content")
+    @classmethod
+    def _join_parts(cls, v: Union[str, list[TextPart]]) -> str:
+        # A list of text parts means their texts one after another (as OpenAI and vLLM read it).
+        return v if isinstance(v, str) else "\n".join(p.text for p in v)
+
+    def as_dict(self) -> dict[str, str]:
+        """For the chat template: 'developer' is OpenAI's newer name for 'system'."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": str(self.content)}
 
 
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat request that this server honours; other fields are ignored."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+def _stop_list(v: Union[str, list[str], None]) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must be non-empty strings")
+    return stops
+
+
+class _Sampling(BaseModel):
+    """What chat and text completions share."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
     seed: int | None = None
 
-    @field_validator("stream")
+    @field_validator("n")
     @classmethod
-    def _no_stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported yet; send stream=false")
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("n > 1 is not supported: send one request per choice (with different seeds)")
         return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Union[str, list[str], None]) -> list[str]:
+        return _stop_list(v)
+
+    @property
+    def stops(self) -> list[str]:
+        return list(self.stop or [])
+
+    def requested_tokens(self, default: int) -> int:
+        return self.max_tokens or default
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    """The subset of OpenAI's chat request that this server honours; other fields are ignored."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
 
     @field_validator("messages")
     @classmethod
@@ -67,14 +148,71 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("the last message must be from the user (or system), not the assistant")
         return v
 
-    def token_budget(self, cap: int) -> int:
-        """max_tokens as asked, no more than the server's cap."""
-        return min(self.max_completion_tokens or self.max_tokens or cap, cap)
+    def requested_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [m.as_dict() for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    """OpenAI's legacy text completion: a raw prompt, no chat template."""
+
+    prompt: Union[str, list[str]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Union[str, list[str]]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request (a list of exactly one string)")
+            v = v[0]
+        if not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+
+def check_model(requested: str, served: str) -> None:
+    """404 in OpenAI's words unless the request names the served model."""
+    if requested != served:
+        raise APIError(404, f"The model {requested!r} does not exist; GET /v1/models lists {served!r}",
+                       "model", code="model_not_found")
+
+
+def check_budget(prompt_tokens: int, requested: int, max_tokens: int, context: int, param: str) -> int:
+    """The completion budget, or a 400 naming the limit and the value that broke it.
+
+    A request may ask for at most ``max_tokens`` (serve.max_new_tokens), and
+    its prompt plus that budget must fit the model's context.
+    """
+    if requested > max_tokens:
+        raise APIError(400, f"{param} is {requested}, above this server's limit of {max_tokens} "
+                            "(serve.max_new_tokens)", param, code="max_tokens_exceeded")
+    if prompt_tokens + requested > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for "
+                            "the completion). Please reduce the prompt or the completion length.",
+                       "messages", code="context_length_exceeded")
+    return requested
 
 
 def models_body(model_name: str, created: int) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                         "owned_by": "ray-qlora"}]}
+
+
+def _usage(out: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
 
 
 def completion_body(model_name: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -85,14 +223,56 @@ def completion_body(model_name: str, out: dict[str, Any]) -> dict[str, Any]:
         "model": model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                      "finish_reason": out["finish_reason"], "logprobs": None}],
-        "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                  "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+        "usage": _usage(out),
     }
 
 
+def text_completion_body(model_name: str, out: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [{"index": 0, "text": out["text"], "finish_reason": out["finish_reason"], "logprobs": None}],
+        "usage": _usage(out),
+    }
+
+
+def chunk_body(kind: Literal["chat", "text"], rid: str, model_name: str, text: str | None,
+               finish_reason: str | None = None, usage: dict[str, int] | None = None,
+               first: bool = False) -> dict[str, Any]:
+    """One streamed chunk; a usage-only chunk has empty choices (stream_options.include_usage)."""
+    created = int(time.time())
+    if kind == "text":
+        choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason,
+                                             "logprobs": None}]
+        body = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": choices}
+    else:
+        delta: dict[str, Any] = {} if text is None and not first else {"content": text or ""}
+        if first:
+            delta["role"] = "assistant"
+        choices = [] if text is None and finish_reason is None and not first else [
+            {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def sse(body: dict[str, Any] | str) -> str:
+    """A server-sent event line as OpenAI streams them (``data: {...}`` then ``data: [DONE]``)."""
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    errors = list(exc.errors())
+    # A field with alternatives (content: a string or a list of parts) fails once per alternative;
+    # the deepest error is the one about what the client actually sent.
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # a content part's error carries the union's branch names: keep the fields a client sent
+    loc = [p for p in loc if not p.startswith(("str", "list["))]
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         msg = "the request body is not valid JSON"
@@ -104,10 +284,91 @@ def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return APIError(exc.status_code, str(exc.detail), code=code).response()
 
 
-def make_app() -> FastAPI:
-    """A FastAPI app whose errors all come back in OpenAI's shape."""
+@dataclass
+class Limits:
+    """What the middleware enforces; a replica fills it in from the config when it starts."""
+
+    max_body_bytes: int = 1 << 20
+    api_keys: list[str] | None = None  # None: no key needed (serve.auth: none)
+
+
+class _LimitsMiddleware:
+    """ASGI middleware: the API key, then the body size (counted as it arrives).
+
+    Pure ASGI rather than an HTTP middleware so a body over the limit is
+    refused while it streams in, not after it has been read into memory.
+    """
+
+    def __init__(self, app: Any, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.limits.max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if not path.endswith(OPEN_PATHS):
+            refused = self._auth_error(dict(scope.get("headers") or []))
+            if refused is not None:
+                return await refused.response()(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._too_large(int(declared)).response()(scope, receive, send)
+        body, more = b"", True
+        while more:  # read it all (bounded), then hand it on
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await self._too_large(len(body), at_least=more).response()(scope, receive, send)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int, at_least: bool = False) -> APIError:
+        return APIError(400, f"request body is {'over ' if at_least else ''}{size} bytes, above this server's "
+                             f"limit of {self.max_body_bytes} (serve.max_body_bytes)", None,
+                        code="request_too_large")
+
+    def _auth_error(self, headers: dict[bytes, bytes]) -> APIError | None:
+        keys = self.limits.api_keys
+        if keys is None:  # serve.auth: none, set on purpose
+            return None
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return APIError(401, "You didn't provide an API key: send it as 'Authorization: Bearer <key>'",
+                            None, code="invalid_api_key")
+        # compare against every key in constant time (no early exit that times which one matched)
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(token.strip().encode(), key.encode())
+        if not matched:
+            return APIError(401, "Incorrect API key provided", None, code="invalid_api_key")
+        return None
+
+
+def make_app(limits: Limits | None = None) -> FastAPI:
+    """A FastAPI app whose errors all come back in OpenAI's shape, with body-size and API-key checks.
+
+    ``limits`` is read on every request, so a replica can set it once its config is known.
+    """
     app = FastAPI(title="ray-qlora", docs_url=None, redoc_url=None)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(APIError, lambda _r, e: e.response())  # type: ignore[arg-type,return-value]
+    app.add_middleware(_LimitsMiddleware, limits=limits if limits is not None else Limits())
     return app

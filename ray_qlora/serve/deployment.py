@@ -1,28 +1,73 @@
 """Stage 5, serve: the merged model behind an OpenAI-compatible Ray Serve app.
 
-One deployment holds the model and the HTTP ingress; requests that arrive
-together are batched into one ``generate`` call (grouped by sampling
-settings, which a batch must share). Replicas are fixed or autoscaled from
-the config.
+One deployment holds the model and the HTTP ingress. Non-streamed requests
+that arrive together are batched into one ``generate`` call (grouped by
+sampling settings, which a batch must share); streamed ones generate on
+their own and send server-sent events as tokens come. Every limit (body
+size, API key, max tokens, context length) is checked before generation
+starts. Replicas are fixed or autoscaled from the config.
 """
 
 
 import asyncio
 import json
 import logging
+import os
 import time
-from typing import Any
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Union
 
+from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from ray_qlora import storage
-from ray_qlora.config import PipelineConfig, parse_config
-from ray_qlora.serve.api import APIError, ChatCompletionRequest, completion_body, make_app, models_body
+from ray_qlora.config import ConfigError, PipelineConfig, parse_config
+from ray_qlora.serve.api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Limits,
+    check_budget,
+    check_model,
+    chunk_body,
+    completion_body,
+    make_app,
+    models_body,
+    sse,
+    text_completion_body,
+)
 
-__all__ = ["ChatServer", "build_app", "deploy"]
+__all__ = ["ChatServer", "api_keys", "build_app", "deploy"]
 
 log = logging.getLogger(__name__)
-app = make_app()
+limits = Limits()  # filled in by the replica from its config
+app = make_app(limits)
+
+Request = Union[ChatCompletionRequest, CompletionRequest]
+
+
+def api_keys(cfg: PipelineConfig) -> list[str] | None:
+    """The accepted keys (None when serve.auth is 'none'); a ConfigError if auth is on and none are set.
+
+    Read from the environment variable and/or file the config names, never
+    from the config itself, and never logged.
+    """
+    s = cfg.serve
+    if s.auth == "none":
+        return None
+    keys = [k.strip() for k in os.environ.get(s.api_key_env, "").split(",") if k.strip()]
+    if s.api_key_file:
+        path = Path(s.api_key_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"invalid config: serve.api_key_file: {path} does not exist")
+        keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not keys:
+        raise ConfigError(f"invalid config: serve.auth is 'api_key' but no key is set: put keys in "
+                          f"${s.api_key_env} (comma-separated) or serve.api_key_file, or set serve.auth: none "
+                          "to open the endpoint on purpose")
+    return keys
 
 
 @serve.deployment(name="chat", max_ongoing_requests=32)
@@ -35,6 +80,7 @@ class ChatServer:
         from ray_qlora.modeling import load_16bit, load_tokenizer, pick_device
 
         self.cfg = parse_config(json.loads(cfg_json))
+        limits.max_body_bytes, limits.api_keys = self.cfg.serve.max_body_bytes, api_keys(self.cfg)
         self.model_name = model_name
         self.created = int(time.time())
         device = pick_device()
@@ -43,38 +89,98 @@ class ChatServer:
         local = storage.copy_dir_from(model_uri, None, self.cfg.storage)
         self.tok = load_tokenizer(local, trust_remote_code=self.cfg.model.trust_remote_code)
         self.model = load_16bit(local, inference_dtype(self.cfg.merge.dtype, device), device,
-                                 trust_remote_code=self.cfg.model.trust_remote_code)
+                                trust_remote_code=self.cfg.model.trust_remote_code)
+        model_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        self.context = min(self.cfg.serve.max_context or model_context, model_context)
         self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
 
+    # -- probes ------------------------------------------------------------------------------------------
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
+    @app.get("/health/live")
+    async def live(self) -> dict[str, str]:
+        """Liveness: the replica's event loop answers."""
         return {"status": "ok"}
 
+    @app.get("/health/ready")
+    async def ready(self) -> dict[str, Any]:
+        """Readiness: a one-token generation succeeds."""
+        from ray_qlora.generation import generate_text
+
+        try:
+            out = await asyncio.to_thread(generate_text, self.model, self.tok, ["ok"], 1)
+        except Exception as err:  # noqa: BLE001 - any failure means not ready
+            raise APIError(503, f"not ready: {type(err).__name__}: {err}", type_="server_error") from None
+        return {"status": "ready", "generated_tokens": out[0]["completion_tokens"]}
+
+    # -- API ---------------------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         return models_body(self.model_name, self.created)
 
-    @app.post("/v1/chat/completions")
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        if req.model != self.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; GET /v1/models lists {self.model_name!r}",
-                           "model", code="model_not_found")
-        return completion_body(self.model_name, await self._generate_batch(req))
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(self, req: ChatCompletionRequest) -> Union[dict[str, Any], StreamingResponse]:
+        from ray_qlora.generation import render
+
+        return await self._complete(req, render(self.tok, req.conversation()), "chat")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(self, req: CompletionRequest) -> Union[dict[str, Any], StreamingResponse]:
+        return await self._complete(req, str(req.prompt), "text")
+
+    async def _complete(self, req: Request, prompt: str, kind: str) -> Union[dict[str, Any], StreamingResponse]:
+        check_model(req.model, self.model_name)
+        budget = self._budget(req, prompt)
+        if req.stream:
+            return StreamingResponse(self._stream(req, prompt, budget, kind), media_type="text/event-stream")
+        out = await self._generate_batch((prompt, budget, req.temperature, req.top_p, req.seed, tuple(req.stops)))
+        return completion_body(self.model_name, out) if kind == "chat" else text_completion_body(self.model_name, out)
+
+    def _budget(self, req: Request, prompt: str) -> int:
+        """Completion tokens this request may use; a 400 before any generation if it breaks a limit."""
+        cap = self.cfg.serve.max_new_tokens
+        requested = req.requested_tokens(cap)
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        prompt_tokens = len(self.tok(prompt, add_special_tokens=False)["input_ids"])
+        return check_budget(prompt_tokens, requested, cap, self.context, param)
+
+    async def _stream(self, req: Request, prompt: str, budget: int, kind: str) -> AsyncIterator[str]:
+        """SSE chunks as the text comes; usage last when stream_options.include_usage."""
+        from ray_qlora.generation import stream_text
+
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        events = stream_text(self.model, self.tok, prompt, budget, req.temperature, req.top_p, req.seed, req.stops)
+        if kind == "chat":
+            yield sse(chunk_body("chat", rid, self.model_name, "", first=True))
+        while True:
+            # the generator blocks on the model: step it in a thread so other requests are served meanwhile
+            event = await asyncio.to_thread(next, events, None)
+            if event is None:
+                break
+            if "text" in event:
+                yield sse(chunk_body(kind, rid, self.model_name, event["text"]))  # type: ignore[arg-type]
+                continue
+            yield sse(chunk_body(kind, rid, self.model_name, "" if kind == "text" else None,  # type: ignore[arg-type]
+                                 finish_reason=event["finish_reason"]))
+            if req.include_usage:
+                usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
+                         "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+                yield sse(chunk_body(kind, rid, self.model_name, None, usage=usage))  # type: ignore[arg-type]
+        yield sse("[DONE]")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, reqs: list[ChatCompletionRequest]) -> list[dict[str, Any]]:
-        from ray_qlora.generation import generate
+    async def _generate_batch(self, reqs: list[tuple]) -> list[dict[str, Any]]:
+        """(prompt, budget, temperature, top_p, seed, stops) each; one generate call per shared setting."""
+        from ray_qlora.generation import generate_text
 
-        cap = self.cfg.serve.max_new_tokens
         groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, r in enumerate(reqs):
-            groups.setdefault((r.token_budget(cap), r.temperature, r.top_p, r.seed), []).append(i)
+        for i, (_, *settings) in enumerate(reqs):
+            groups.setdefault(tuple(settings), []).append(i)
         results: list[dict[str, Any]] = [{}] * len(reqs)
-        for (budget, temp, top_p, seed), idx in groups.items():
-            convs = [[m.model_dump() for m in reqs[i].messages] for i in idx]
+        for (budget, temp, top_p, seed, stops), idx in groups.items():
+            prompts = [reqs[i][0] for i in idx]
             # generate is blocking torch work: keep the event loop free for other requests
-            outs = await asyncio.to_thread(generate, self.model, self.tok, convs, budget, len(convs),
-                                           temp, top_p, seed)
+            outs = await asyncio.to_thread(generate_text, self.model, self.tok, prompts, budget, len(prompts),
+                                           temp, top_p, seed, list(stops))
             for i, o in zip(idx, outs):
                 results[i] = o
         return results
@@ -99,14 +205,27 @@ def build_app(cfg: PipelineConfig, model_uri: str, model_name: str) -> Any:
     return ChatServer.options(**_deployment_options(cfg)).bind(cfg.model_dump_json(), model_uri, model_name)
 
 
+def app_name(cfg: PipelineConfig, model_name: str) -> str:
+    return cfg.serve.app_name or f"ray-qlora-{model_name}"
+
+
 def deploy(cfg: PipelineConfig, run: storage.RunPaths, run_id: str) -> dict[str, Any]:
     """Deploy the run's merged model; returns the endpoint's base URL and model name."""
     model_name = cfg.serve.model_name or run_id
+    keys = api_keys(cfg)  # a missing key is the user's to fix: say so here, not in a replica that cannot start
+    name = app_name(cfg, model_name)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg, run.merged, model_name), name="ray-qlora",
-              route_prefix=cfg.serve.route_prefix, blocking=False)
+    try:
+        serve.run(build_app(cfg, run.merged, model_name), name=name, route_prefix=cfg.serve.route_prefix,
+                  blocking=False)
+    except RayServeException as err:
+        if "is being used by application" not in str(err):
+            raise
+        raise ConfigError(f"invalid config: serve.route_prefix: {err} Give this model another route prefix, or "
+                          "the same serve.app_name to replace that application") from None
     prefix = cfg.serve.route_prefix.rstrip("/")
     base_url = f"http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1"
-    log.info("serve: %s answering as model %r at %s", run.merged, model_name, base_url)
-    return {"base_url": base_url, "model": model_name, "model_uri": run.merged,
-            "deployment": _deployment_options(cfg)}
+    log.info("serve: %s answering as model %r at %s (app %s, auth %s)", run.merged, model_name, base_url, name,
+             "on" if keys is not None else "off")
+    return {"base_url": base_url, "model": model_name, "model_uri": run.merged, "app": name,
+            "auth": cfg.serve.auth, "deployment": _deployment_options(cfg)}
