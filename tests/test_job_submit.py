@@ -76,11 +76,19 @@ def _job_config(tmp: Path, tiny_model_dir: Path, port: int) -> Path:
 
 
 def test_refused_without_token(head: dict) -> None:
-    env = {k: v for k, v in head["env"].items() if k != "RAY_AUTH_TOKEN"}
+    # a client that sends no token at all: the cluster (not the client) must refuse it
+    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     env["HOME"] = "/nonexistent"  # no ~/.ray/auth_token to fall back on
     r = subprocess.run([RAY, "job", "list", "--address", head["address"]], env=env, capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode != 0
+    assert r.returncode != 0 and "Unauthorized: Missing authentication token" in r.stderr, r.stderr[-2000:]
+    wrong = {**env, "RAY_AUTH_TOKEN": "0" * 64}
+    r = subprocess.run([RAY, "job", "list", "--address", head["address"]], env=wrong, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "Unauthorized" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([RAY, "job", "list", "--address", head["address"]], env=head["env"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]  # the same call with the cluster's token goes through
 
 
 def test_pipeline_as_a_job(head: dict, local_s3, tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
