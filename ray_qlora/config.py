@@ -409,6 +409,9 @@ class AutoscalingConfig(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before one is removed.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the ongoing-request average is taken over.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":

@@ -290,6 +290,8 @@ class Limits:
 
     max_body_bytes: int = 1 << 20
     api_keys: list[str] | None = None  # None: no key needed (serve.auth: none)
+    # called once per finished response: (path, HTTP status, seconds to the response's start)
+    on_response: Callable[[str, int, float], None] | None = None
 
 
 class _LimitsMiddleware:
@@ -309,6 +311,20 @@ class _LimitsMiddleware:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        observe = self.limits.on_response
+        if observe is None:
+            return await self._checked(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_observed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                observe(scope.get("path", ""), status[0], time.perf_counter() - started)
+            await send(message)
+
+        await self._checked(scope, receive, send_observed)
+
+    async def _checked(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope.get("path", "")
         if not path.endswith(OPEN_PATHS):
             refused = self._auth_error(dict(scope.get("headers") or []))

@@ -70,6 +70,39 @@ def api_keys(cfg: PipelineConfig) -> list[str] | None:
     return keys
 
 
+class _Metrics:
+    """The project's Prometheus metrics (Ray exports them with Serve's own on each node's metrics port).
+
+    Serve already counts requests and latency per deployment; these add what
+    an LLM endpoint is judged by: status per route, time to first token and
+    generated tokens.
+    """
+
+    def __init__(self, model: str) -> None:
+        from ray.serve import metrics
+
+        self.model = model
+        self.requests = metrics.Counter("ray_qlora_requests", "HTTP responses by route and status.",
+                                        tag_keys=("model", "route", "status"))
+        self.latency = metrics.Histogram("ray_qlora_response_start_seconds",
+                                         "Seconds until the response starts (the whole answer unless streamed).",
+                                         boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
+                                         tag_keys=("model", "route"))
+        self.ttft = metrics.Histogram("ray_qlora_time_to_first_token_seconds",
+                                      "Seconds from a request to its first generated text.",
+                                      boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=("model", "mode"))
+        self.tokens = metrics.Counter("ray_qlora_generated_tokens", "Completion tokens generated.",
+                                      tag_keys=("model", "mode"))
+
+    def response(self, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(tags={"model": self.model, "route": route, "status": str(status)})
+        self.latency.observe(seconds, tags={"model": self.model, "route": route})
+
+    def generated(self, mode: str, first_token_s: float, tokens: int) -> None:
+        self.ttft.observe(first_token_s, tags={"model": self.model, "mode": mode})
+        self.tokens.inc(tokens, tags={"model": self.model, "mode": mode})
+
+
 @serve.deployment(name="chat", max_ongoing_requests=32)
 @serve.ingress(app)
 class ChatServer:
@@ -80,7 +113,9 @@ class ChatServer:
         from ray_qlora.modeling import load_16bit, load_tokenizer, pick_device
 
         self.cfg = parse_config(json.loads(cfg_json))
+        self.metrics = _Metrics(model_name)
         limits.max_body_bytes, limits.api_keys = self.cfg.serve.max_body_bytes, api_keys(self.cfg)
+        limits.on_response = self.metrics.response
         self.model_name = model_name
         self.created = int(time.time())
         device = pick_device()
@@ -132,7 +167,9 @@ class ChatServer:
         budget = self._budget(req, prompt)
         if req.stream:
             return StreamingResponse(self._stream(req, prompt, budget, kind), media_type="text/event-stream")
+        started = time.perf_counter()
         out = await self._generate_batch((prompt, budget, req.temperature, req.top_p, req.seed, tuple(req.stops)))
+        self.metrics.generated("batch", time.perf_counter() - started, out["completion_tokens"])
         return completion_body(self.model_name, out) if kind == "chat" else text_completion_body(self.model_name, out)
 
     def _budget(self, req: Request, prompt: str) -> int:
@@ -148,6 +185,7 @@ class ChatServer:
         from ray_qlora.generation import stream_text
 
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        started, first_token_s = time.perf_counter(), None
         events = stream_text(self.model, self.tok, prompt, budget, req.temperature, req.top_p, req.seed, req.stops)
         if kind == "chat":
             yield sse(chunk_body("chat", rid, self.model_name, "", first=True))
@@ -157,8 +195,12 @@ class ChatServer:
             if event is None:
                 break
             if "text" in event:
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - started
                 yield sse(chunk_body(kind, rid, self.model_name, event["text"]))  # type: ignore[arg-type]
                 continue
+            self.metrics.generated("stream", first_token_s or time.perf_counter() - started,
+                                   event["completion_tokens"])
             yield sse(chunk_body(kind, rid, self.model_name, "" if kind == "text" else None,  # type: ignore[arg-type]
                                  finish_reason=event["finish_reason"]))
             if req.include_usage:
