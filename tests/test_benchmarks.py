@@ -69,3 +69,12 @@ def test_eval_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: A
     assert (out["one"]["actors_used"], out["two"]["actors_used"]) == (1, 2)  # both actors got work
     assert out["same_answers"] == 1.0  # more actors change how fast, never what is generated
     assert "ratio 2 actors / 1 actor" in capsys.readouterr().out
+
+
+def test_serve_load_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("serve_load").main(["--base", str(tiny_model_dir), "--requests", "8", "--concurrency", "4",
+                                    "--tokens", "4", "--threads", "1"])
+    assert out["errors"] == 0 and out["many"]["requests"] == 8
+    assert out["overhead"] > 0 and out["batching"] > 0 and out["one"]["p95_s"] >= out["one"]["p50_s"]
+    text = capsys.readouterr().out
+    assert "serve overhead" in text and "batching (tokens/s at concurrency 4 / 1)" in text
