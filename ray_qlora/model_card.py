@@ -32,9 +32,12 @@ def _metrics_table(report: dict[str, Any]) -> str:
 def render_card(cfg: PipelineConfig, run_id: str, record: dict[str, Any], merge: dict[str, Any],
                 report: dict[str, Any] | None = None) -> str:
     """The card's markdown from run.json's record (prepare and tune results), merge's result and the eval report."""
+    from ray_qlora.train import apply_trial_params
+
     stages = record.get("stages", {})
     prep = (stages.get("prepare") or {}).get("result", {})
     tune = (stages.get("tune") or {}).get("result", {})
+    trained = apply_trial_params(cfg, tune.get("best_params", {}))  # what the best trial actually ran with
     name = cfg.serve.model_name or run_id
     gguf = merge.get("gguf") or {}
     front = "\n".join(["---", f"base_model: {cfg.model.base}", "library_name: transformers",
@@ -55,12 +58,13 @@ def render_card(cfg: PipelineConfig, run_id: str, record: dict[str, Any], merge:
                      ("best parameters", f"`{json.dumps(tune.get('best_params', {}), sort_keys=True)}`"),
                      (tune.get("metric", "eval_loss"), tune.get("best_value", "?")),
                      ("trials", tune.get("trials", "?")),
-                     ("LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules} "
-                              "(search parameters above take precedence)"),
+                     ("LoRA", f"r={trained.lora.r}, alpha={trained.lora.alpha}, "
+                              f"targets={trained.lora.target_modules}"),
                      ("4-bit base", f"{cfg.model.quantization.quant_type}, double quant "
                                     f"{cfg.model.quantization.double_quant}")]), "",
              "<details><summary>training config</summary>", "", "```json",
-             json.dumps({"lora": cfg.lora.model_dump(mode="json"), "training": cfg.training.model_dump(mode="json"),
+             json.dumps({"lora": trained.lora.model_dump(mode="json"),
+                         "training": trained.training.model_dump(mode="json"),
                          "data": {"max_seq_length": cfg.data.max_seq_length, "packing": cfg.data.packing,
                                   "chat_template": cfg.data.chat_template or "the base's"}},
                         indent=2, sort_keys=True), "```", "", "</details>", ""]

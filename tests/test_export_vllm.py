@@ -94,6 +94,7 @@ def test_model_card_names_lineage_metrics_and_loading(tmp_path: Path) -> None:
     assert card.startswith("---\nbase_model: smollm2-135m-instruct\n")
     for text in ("f" * 64, "e" * 64, "240 / 40", "train_trial_abc", '{"learning_rate": 0.004}',
                  "| exact_match | 0.0% | 87.5% |", "| eval_loss | 2.5000 | 0.2000 |", "ollama create r1 -f Modelfile",
+                 "\n    \"learning_rate\": 0.004,",  # the training config as the best trial ran it
                  "vllm serve", "model-f16.gguf", "100% of 8 held-out prompts"):
         assert text in card, text
     assert "## Evaluation" not in render_card(cfg, "r1", record, merge)  # before evaluate: no metrics yet
