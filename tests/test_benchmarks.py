@@ -78,3 +78,42 @@ def test_serve_load_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
     assert out["overhead"] > 0 and out["batching"] > 0 and out["one"]["p95_s"] >= out["one"]["p50_s"]
     text = capsys.readouterr().out
     assert "serve overhead" in text and "batching (tokens/s at concurrency 4 / 1)" in text
+
+
+def test_merge_footprint_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    """The tiny model's layers are 64 wide, so each layer's fixed lookup tables outweigh its 4-bit codes:
+    bytes per parameter are bounded on what scales with the parameters (read the full figure on 135M)."""
+    bench = _load("merge_footprint")
+    out = bench.main(["--base", str(tiny_model_dir), "--new-tokens", "8", "--repeats", "2", "--prompts", "2"])
+    printed = capsys.readouterr().out
+
+    # 1. latency: same lengths, positive ratios, and the merged model answers like base + adapter
+    assert out["equal_lengths"]
+    assert all(r["median_s"] > 0 and len(r["runs_s"]) == 2 for r in out["latency"].values())
+    for key in ("merged_over_base", "merged_over_unmerged", "unmerged_over_base"):
+        assert out[key] > 0
+    assert out["adapter"]["lora_layers"] == 14  # r=16 on all 7 linear layers of both blocks
+    assert out["match_rate"] == out["match_rate_forced"] == 1.0 and out["mismatches"] == []
+    assert out["verify_prompts"] == 8 and out["timed_calls"] == 2 * 2
+    assert out["max_logit_diff_unmerged_vs_base"] > 0  # the adapter is a real one ...
+    assert out["max_logit_diff_merged_vs_unmerged"] < 1e-3 * out["max_logit_diff_unmerged_vs_base"]  # ... merged
+
+    # 2. 4-bit layers: what scales with the parameters is ~4.13 bits with double quant, 4.5 bits without
+    dq, sq = out["quant"]["double"], out["quant"]["single"]
+    assert dq["layers"] == sq["layers"] == 14 and dq["params"] == 2 * (4 * 64 * 64 + 3 * 64 * 128 - 2 * 64 * 32)
+    assert 0.5 < out["payload_per_param"] < 0.56
+    assert out["payload_per_param"] < out["payload_per_param_single"]
+    assert abs(out["payload_per_param"] - bench.THEORY_DQ) < 0.005
+    assert abs(out["payload_per_param_single"] - bench.THEORY_SQ) < 0.005
+    assert dq["packed"] * 2 == dq["params"]  # two 4-bit codes per byte
+    assert out["bytes_per_param"] == dq["bytes"] / dq["params"] > out["payload_per_param"]
+    assert out["double_over_single"] == out["bytes_per_param"] / out["bytes_per_param_single"] > 0
+
+    # 3. footprint: same dtype, same parameters, same bytes on disk
+    assert out["merge_dtype"] == "float32" and out["params_equal"]
+    assert abs(out["disk_ratio"] - 1) < 0.03
+    assert 0 < out["memory_ratio"] <= 1.0
+
+    for text in ("ratio merged / base", "ratio merged / unmerged", "ratio double / single quant",
+                 "ratio merged / base on disk", "ratio 4-bit / unquantized in memory"):
+        assert text in printed
