@@ -442,6 +442,9 @@ class ServeConfig(_Strict):
         "RAY_QLORA_API_KEYS", description="Environment variable holding the accepted keys, comma-separated.")
     api_key_file: str | None = Field(
         None, description="A file of accepted keys, one per line (e.g. a mounted Kubernetes Secret).")
+    max_adapters: int = Field(
+        4, ge=0, description="Registry adapters a replica keeps loaded on its shared base (LRU); requests name "
+                             "them as 'model': '<name>' or '<name>@v<N>'. 0: the merged model only.")
     app_name: str | None = Field(
         None, description="Ray Serve application name; 'ray-qlora-<model name>' when unset, so deploying "
                           "another run does not replace this one.")

@@ -13,24 +13,6 @@ from ray_qlora import adapters, storage
 from ray_qlora.config import parse_config
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real peft LoRA adapter (r=4 on q/v) of the tiny model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)  # a trained-looking adapter: B is zero only at initialisation
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    return out
-
-
 def _cfg(output_uri: str, base: Path, **extra: Any) -> Any:
     return parse_config({"run": {"output_uri": output_uri}, "data": {"input_uris": ["x"]},
                          "model": {"base": str(base), **extra}, "export": {"ollama": False}})

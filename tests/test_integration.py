@@ -160,7 +160,7 @@ def _client(run):  # noqa: ANN001, ANN202
 def test_chat_completion_through_openai_sdk(finished_run) -> None:  # noqa: ANN001
     _, run = finished_run
     client = _client(run)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "med-orders", "med-orders-rank2"]
     msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
     resp = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0)
     choice = resp.choices[0]
@@ -171,6 +171,9 @@ def test_chat_completion_through_openai_sdk(finished_run) -> None:  # noqa: ANN0
     parts = [{"role": "user", "content": [{"type": "text", "text": "Give aspirin 81 mg PO daily."}]}]
     again = client.chat.completions.create(model="tiny", messages=parts, max_tokens=5, temperature=0)
     assert again.choices[0].message.content == choice.message.content
+    # the best adapter from the registry, unmerged on the shared base, answers as the merged model does
+    adapter = client.chat.completions.create(model="med-orders", messages=msgs, max_tokens=5, temperature=0)
+    assert adapter.model == "med-orders" and adapter.choices[0].message.content == choice.message.content
 
 
 def test_streaming_gives_the_same_text_and_usage(finished_run) -> None:  # noqa: ANN001

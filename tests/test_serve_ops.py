@@ -7,6 +7,7 @@ the `openai` SDK or httpx, as clients do.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -43,7 +44,7 @@ def _deploy(model_dir: Path, port: int, name: str, tmp_path: Path, **serve_cfg: 
 
     (tmp_path / "keys").write_text(KEY)
     cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": ["x"]},
-                        "merge": {"dtype": "float32"},
+                        "model": {"base": str(model_dir)}, "merge": {"dtype": "float32"},
                         "serve": {"port": port, "route_prefix": f"/{name}", "max_new_tokens": 32, "cpus_per_replica": 1,
                                   "api_key_file": str(tmp_path / "keys"), **serve_cfg}})
     serve.run(build_app(cfg, str(model_dir), name), name=name, route_prefix=f"/{name}", blocking=False)
@@ -155,3 +156,55 @@ def test_killing_a_replica_under_load_loses_no_request(serve_port: int, tiny_mod
         results = [f.result(timeout=300) for f in futures]  # raises if any request was lost
     assert len(results) == 40 and all(isinstance(r, str) for r in results)
     assert len(done) == 40
+
+
+def test_many_adapters_on_one_base_with_an_lru(serve_port: int, tiny_model_dir: Path, adapter_dir: Path,
+                                                tmp_path: Path) -> None:
+    """Three registry adapters through a 2-slot LRU: base + N x adapter in memory, the base never reloaded."""
+    from openai import BadRequestError, NotFoundError, OpenAI
+    from ray import serve
+
+    from ray_qlora import adapters
+
+    registry_cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": ["x"]},
+                                 "model": {"base": str(tiny_model_dir)}, "export": {"ollama": False}})
+    for name in ("task-a", "task-b", "task-c"):
+        adapters.publish(registry_cfg, str(adapter_dir), name, {"run_id": "r"})
+    base_url = _deploy(tiny_model_dir, serve_port, "adapters-app", tmp_path, max_adapters=2)
+    handle = serve.get_app_handle("adapters-app")
+    client = OpenAI(base_url=base_url, api_key=KEY)
+    assert [m.id for m in client.models.list().data] == ["adapters-app", "task-a", "task-b", "task-c"]
+
+    def ask(model: str) -> str:
+        out = client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                             messages=[{"role": "user", "content": "Give 5 mg PO daily"}])
+        return out.choices[0].message.content
+
+    merged_answer = ask("adapters-app")
+    a = ask("task-a")
+    one = handle.adapter_memory.remote().result()
+    assert list(one["adapters"]) == ["task-a"] and one["adapters"]["task-a"] > 0
+    assert one["total_bytes"] == one["base_bytes"] + one["adapters"]["task-a"]
+    assert ask("task-b@v1") == a  # the same weights under another name answer the same
+    two = handle.adapter_memory.remote().result()
+    assert sorted(two["adapters"]) == ["task-a", "task-b@v1"] and two["base_bytes"] == one["base_bytes"]
+    assert two["total_bytes"] == two["base_bytes"] + 2 * one["adapters"]["task-a"]
+    ask("task-c")  # a third adapter: the least recently used one is unloaded from the base
+    three = handle.adapter_memory.remote().result()
+    assert sorted(three["adapters"]) == ["task-b@v1", "task-c"]
+    assert three["total_bytes"] == two["total_bytes"] and three["base_bytes"] == one["base_bytes"]
+    assert ask("task-a") == a  # loaded again on demand
+    assert ask("adapters-app") == merged_answer  # the merged model is served beside them, unchanged
+    streamed = client.chat.completions.create(model="task-c", max_tokens=8, temperature=0, stream=True,
+                                              messages=[{"role": "user", "content": "Give 5 mg PO daily"}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == a
+    for bad in ("task-z", "task-a@v9", "../etc", "s3://bucket/key", "TASK-A"):
+        with pytest.raises(NotFoundError):
+            ask(bad)
+    # an adapter whose metadata names another base is refused, not loaded onto this one
+    meta_path = tmp_path / "adapters" / "task-c" / "v1" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_model"]["sha256"] = "0" * 64
+    adapters.publish(registry_cfg, str(adapter_dir), "task-d", {"run_id": "r"}, base=meta["base_model"])
+    with pytest.raises(BadRequestError, match="trained on another base model"):
+        ask("task-d")

@@ -205,9 +205,12 @@ def check_budget(prompt_tokens: int, requested: int, max_tokens: int, context: i
     return requested
 
 
-def models_body(model_name: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                        "owned_by": "ray-qlora"}]}
+def models_body(model_name: str, created: int, adapters: list[str] | None = None) -> dict[str, Any]:
+    """The merged model first, then the registry's adapters (each served on the merged model's base)."""
+    data = [{"id": model_name, "object": "model", "created": created, "owned_by": "ray-qlora"}]
+    data += [{"id": name, "object": "model", "created": created, "owned_by": "ray-qlora", "parent": model_name}
+             for name in adapters or []]
+    return {"object": "list", "data": data}
 
 
 def _usage(out: dict[str, Any]) -> dict[str, int]:

@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Union
+from typing import Any, AsyncIterator, Iterator, Union
 
 from fastapi.responses import StreamingResponse
 from ray import serve
@@ -24,6 +24,7 @@ from ray.serve.exceptions import RayServeException
 
 from ray_qlora import storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
+from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
 from ray_qlora.serve.api import (
     APIError,
     ChatCompletionRequest,
@@ -128,6 +129,17 @@ class ChatServer:
         model_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.context = min(self.cfg.serve.max_context or model_context, model_context)
         self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self.adapters: AdapterEngine | None = None
+        if self.cfg.serve.max_adapters:
+            self.adapters = AdapterEngine(self.cfg)
+            engine = self.adapters
+
+            async def load(model_id: str) -> LoadedAdapter:
+                return await asyncio.to_thread(engine.load, model_id)
+
+            # Serve's multiplexing: an LRU of loaded adapters per replica (evicted ones are unloaded)
+            self._adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_adapters)(load)
+        self._listed: tuple[float, list[str]] = (0.0, [])
 
     # -- probes ------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -150,7 +162,24 @@ class ChatServer:
     # -- API ---------------------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return models_body(self.model_name, self.created)
+        """The merged model, then every adapter of the registry (when this server loads adapters)."""
+        return models_body(self.model_name, self.created, await self._registry_names())
+
+    async def _registry_names(self) -> list[str]:
+        if self.adapters is None:
+            return []
+        when, names = self._listed
+        if time.time() - when > 10:  # the registry is object storage: list it at most every 10 s
+            from ray_qlora.adapters import list_adapters
+
+            rows = await asyncio.to_thread(list_adapters, self.cfg)
+            names = [r["name"] for r in rows]
+            self._listed = (time.time(), names)
+        return names
+
+    def adapter_memory(self) -> dict[str, Any]:
+        """Bytes of the shared base and of each loaded adapter (for tests and benchmarks, via a handle)."""
+        return self.adapters.memory() if self.adapters is not None else {}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(self, req: ChatCompletionRequest) -> Union[dict[str, Any], StreamingResponse]:
@@ -163,6 +192,8 @@ class ChatServer:
         return await self._complete(req, str(req.prompt), "text")
 
     async def _complete(self, req: Request, prompt: str, kind: str) -> Union[dict[str, Any], StreamingResponse]:
+        if req.model != self.model_name and self.adapters is not None:
+            return await self._complete_adapter(req, kind)
         check_model(req.model, self.model_name)
         budget = self._budget(req, prompt)
         if req.stream:
@@ -172,6 +203,23 @@ class ChatServer:
         self.metrics.generated("batch", time.perf_counter() - started, out["completion_tokens"])
         return completion_body(self.model_name, out) if kind == "chat" else text_completion_body(self.model_name, out)
 
+    async def _complete_adapter(self, req: Request, kind: str) -> Union[dict[str, Any], StreamingResponse]:
+        """A request naming a registry adapter: loaded on demand into the shared base, then generated with."""
+        engine = self.adapters
+        assert engine is not None
+        parse_model_id(req.model)  # a 404 for anything that is not a registry name, before any storage call
+        await self._adapter(req.model)
+        key = req.model
+        prompt = engine.render(key, req.conversation()) if kind == "chat" else str(req.prompt)  # type: ignore[union-attr]
+        budget = self._budget(req, prompt)
+        args = (budget, req.temperature, req.top_p, req.seed, req.stops)
+        if req.stream:
+            events = engine.stream(key, prompt, *args)
+            return StreamingResponse(self._stream(req, prompt, budget, kind, events), media_type="text/event-stream")
+        out = (await asyncio.to_thread(engine.generate, key, [prompt], budget, 1, *args[1:]))[0]
+        body = completion_body if kind == "chat" else text_completion_body
+        return body(req.model, out)
+
     def _budget(self, req: Request, prompt: str) -> int:
         """Completion tokens this request may use; a 400 before any generation if it breaks a limit."""
         cap = self.cfg.serve.max_new_tokens
@@ -180,15 +228,19 @@ class ChatServer:
         prompt_tokens = len(self.tok(prompt, add_special_tokens=False)["input_ids"])
         return check_budget(prompt_tokens, requested, cap, self.context, param)
 
-    async def _stream(self, req: Request, prompt: str, budget: int, kind: str) -> AsyncIterator[str]:
+    async def _stream(self, req: Request, prompt: str, budget: int, kind: str,
+                      events: Iterator[dict[str, Any]] | None = None) -> AsyncIterator[str]:
         """SSE chunks as the text comes; usage last when stream_options.include_usage."""
         from ray_qlora.generation import stream_text
 
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         started, first_token_s = time.perf_counter(), None
-        events = stream_text(self.model, self.tok, prompt, budget, req.temperature, req.top_p, req.seed, req.stops)
+        if events is None:
+            events = stream_text(self.model, self.tok, prompt, budget, req.temperature, req.top_p, req.seed,
+                                 req.stops)
+        model_name = req.model
         if kind == "chat":
-            yield sse(chunk_body("chat", rid, self.model_name, "", first=True))
+            yield sse(chunk_body("chat", rid, model_name, "", first=True))
         while True:
             # the generator blocks on the model: step it in a thread so other requests are served meanwhile
             event = await asyncio.to_thread(next, events, None)
@@ -197,16 +249,16 @@ class ChatServer:
             if "text" in event:
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - started
-                yield sse(chunk_body(kind, rid, self.model_name, event["text"]))  # type: ignore[arg-type]
+                yield sse(chunk_body(kind, rid, model_name, event["text"]))  # type: ignore[arg-type]
                 continue
             self.metrics.generated("stream", first_token_s or time.perf_counter() - started,
                                    event["completion_tokens"])
-            yield sse(chunk_body(kind, rid, self.model_name, "" if kind == "text" else None,  # type: ignore[arg-type]
+            yield sse(chunk_body(kind, rid, model_name, "" if kind == "text" else None,  # type: ignore[arg-type]
                                  finish_reason=event["finish_reason"]))
             if req.include_usage:
                 usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
                          "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
-                yield sse(chunk_body(kind, rid, self.model_name, None, usage=usage))  # type: ignore[arg-type]
+                yield sse(chunk_body(kind, rid, model_name, None, usage=usage))  # type: ignore[arg-type]
         yield sse("[DONE]")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
