@@ -117,3 +117,12 @@ def test_merge_footprint_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: A
     for text in ("ratio merged / base", "ratio merged / unmerged", "ratio double / single quant",
                  "ratio merged / base on disk", "ratio 4-bit / unquantized in memory"):
         assert text in printed
+
+
+def test_adapters_served_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("adapters_served").main(["--base", str(tiny_model_dir), "--counts", "1", "3", "--tokens", "2",
+                                         "--repeats", "1"])
+    one, three = out["rows"]
+    assert (one["adapters"], three["adapters"]) == (1, 3) and one["base_bytes"] == three["base_bytes"]
+    assert three["total_bytes"] == three["predicted_bytes"] == one["base_bytes"] + 3 * out["per_adapter_bytes"]
+    assert out["per_adapter_bytes"] > 0 and "memory is base + N x adapter (exactly)" in capsys.readouterr().out
