@@ -77,6 +77,21 @@ def _chat(base_url: str, content: str = "Give 5 mg PO daily", max_tokens: int = 
                                           messages=[{"role": "user", "content": content}])
 
 
+def _wait_for_metric(name: str, label: str, value: str, timeout: float = 90) -> None:
+    """Poll this node's Prometheus exporter until ``name{...label...} value`` shows (Ray exports every few s)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, lines = time.time() + timeout, []
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        lines = [line for line in text.splitlines() if line.startswith(("ray_" + name, name)) and label in line]
+        if any(line.rsplit(" ", 1)[-1] == value for line in lines):
+            return
+        time.sleep(3)
+    raise AssertionError(f"{name} with {label} never reached {value}: {lines}")
+
+
 def test_prometheus_metrics_count_requests_by_status(serve_port: int, tiny_model_dir: Path, tmp_path: Path) -> None:
     import ray
 
@@ -192,6 +207,7 @@ def test_many_adapters_on_one_base_with_an_lru(serve_port: int, tiny_model_dir: 
     ask("task-c")  # a third adapter: the least recently used one is unloaded from the base
     three = handle.adapter_memory.remote().result()
     assert sorted(three["adapters"]) == ["task-b@v1", "task-c"]
+    _wait_for_metric('ray_qlora_loaded_adapters', 'model="adapters-app"', "2.0")
     assert three["total_bytes"] == two["total_bytes"] and three["base_bytes"] == one["base_bytes"]
     assert ask("task-a") == a  # loaded again on demand
     assert ask("adapters-app") == merged_answer  # the merged model is served beside them, unchanged

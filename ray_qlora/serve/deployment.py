@@ -94,6 +94,8 @@ class _Metrics:
                                       boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=("model", "mode"))
         self.tokens = metrics.Counter("ray_qlora_generated_tokens", "Completion tokens generated.",
                                       tag_keys=("model", "mode"))
+        self.adapters = metrics.Gauge("ray_qlora_loaded_adapters", "Registry adapters loaded on this replica's base.",
+                                      tag_keys=("model",))
 
     def response(self, route: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"model": self.model, "route": route, "status": str(status)})
@@ -209,6 +211,7 @@ class ChatServer:
         assert engine is not None
         parse_model_id(req.model)  # a 404 for anything that is not a registry name, before any storage call
         await self._adapter(req.model)
+        self.metrics.adapters.set(len(engine.loaded()), tags={"model": self.model_name})
         key = req.model
         prompt = engine.render(key, req.conversation()) if kind == "chat" else str(req.prompt)  # type: ignore[union-attr]
         budget = self._budget(req, prompt)
