@@ -63,6 +63,7 @@ def test_a_trial_no_node_can_hold_is_refused_at_once(root: Path, tiny_model_dir:
 def test_a_trial_that_cannot_fit_in_memory_is_refused_with_the_plan(root: Path, tiny_model_dir: Path) -> None:
     run = _prepared_run(root, tiny_model_dir, "no-fit", tune={"search_space": {"lora.r": {"values": [4, 8]}}})
     run.cfg = run.cfg.with_overrides({"data.max_seq_length": 4_000_000, "training.batch_size": 64})
+    run.allow_config_change = True  # the data was prepared at 128 tokens; only the plan is under test
     with pytest.raises(ConfigError, match=r"largest trial of the search space does not fit .* GiB estimated"):
         run_stage(run, "tune")
     assert not Path(run.paths.root, "trials").exists()
