@@ -72,14 +72,39 @@ class StopScanner:
         return out
 
 
-def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: float, top_p: float,
-              seed: int | None, stop: list[str] | None) -> dict[str, Any]:
+def _stop_criteria(tok: "PreTrainedTokenizerBase", stop: list[str], prompt_len: int) -> Any:
+    """Stop each row once its *generated* text holds a stop sequence.
+
+    transformers' own ``stop_strings`` also matches a stop sequence that
+    starts in the prompt, ending answers after one token; OpenAI's stop
+    applies to the completion alone.
+    """
     import torch
+    from transformers import StoppingCriteria
+
+    class _StopInCompletion(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:  # noqa: ANN401
+            texts = tok.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            # matched on the answer as the client gets it: without its leading whitespace
+            return torch.tensor([any(s in t.lstrip() for s in stop) for t in texts], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return _StopInCompletion()
+
+
+def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: float, top_p: float,
+              seed: int | None, stop: list[str] | None, prompt_len: int = 0, extra: list[Any] | None = None
+              ) -> dict[str, Any]:
+    import torch
+    from transformers import StoppingCriteriaList
 
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
                               "eos_token_id": tok.eos_token_id}
+    criteria = list(extra or [])
     if stop:  # stop generating as soon as a stop sequence is out (the text is cut after decoding)
-        kwargs.update(stop_strings=list(stop), tokenizer=tok)
+        criteria.append(_stop_criteria(tok, list(stop), prompt_len))
+    if criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     if temperature > 0:
         if seed is not None:
             torch.manual_seed(seed)
@@ -112,15 +137,15 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                   add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            out = model.generate(**enc, **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop))
         prompt_len = enc["input_ids"].shape[1]
+        with torch.inference_mode():
+            out = model.generate(**enc, **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop, prompt_len))
         for row, mask in zip(out, enc["attention_mask"]):
             new = row[prompt_len:].tolist()
             finished = eot in new
             if finished:
                 new = new[:new.index(eot)]
-            text, stopped = cut_at_stop(tok.decode(new, skip_special_tokens=True), stop or [])
+            text, stopped = cut_at_stop(tok.decode(new, skip_special_tokens=True).lstrip(), stop or [])
             results.append({"text": text.strip(), "prompt_tokens": int(mask.sum()),
                             "completion_tokens": len(new) + int(finished),
                             "finish_reason": "stop" if finished or stopped else "length"})
@@ -138,7 +163,7 @@ def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt
     import threading
 
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteria, TextIteratorStreamer
 
     cancel = threading.Event()
 
@@ -153,8 +178,8 @@ def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt
     def run() -> None:
         with torch.inference_mode():
             result["ids"] = model.generate(**enc, streamer=streamer,
-                                           stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-                                           **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop))
+                                           **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop,
+                                                       enc["input_ids"].shape[1], [_Cancelled()]))
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
