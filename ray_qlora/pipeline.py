@@ -196,6 +196,10 @@ def run_stage(run: Run, stage: str) -> dict[str, Any]:
 def run_pipeline(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, run_id: str | None = None,
                  allow_config_change: bool = False) -> Run:
     """Every stage in order on one run folder."""
+    if "serve" in stages:  # a missing API key is the user's to fix: say so before hours of training, not after
+        from ray_qlora.serve.deployment import api_keys
+
+        api_keys(cfg)
     connect_ray(cfg)
     run = Run(cfg, run_id, allow_config_change=allow_config_change)
     for stage in stages:

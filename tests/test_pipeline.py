@@ -69,3 +69,13 @@ def test_changes_that_do_not_touch_earlier_outputs_pass(tmp_path: Path) -> None:
     changed = Run(_cfg(tmp_path, data={"num_actors": 3, "batch_size": 64}, lora={"r": 8},
                        training={"learning_rate": 1e-3}), "r")
     assert changed.check_lineage("tune") == {}
+
+
+def test_run_refuses_a_missing_api_key_before_any_stage(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from ray_qlora.config import ConfigError
+    from ray_qlora.pipeline import run_pipeline
+
+    monkeypatch.delenv("RAY_QLORA_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="serve.auth is 'api_key' but no key is set"):
+        run_pipeline(_cfg(tmp_path), run_id="r")
+    assert not (tmp_path / "runs" / "r").exists()  # nothing started
