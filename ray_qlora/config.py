@@ -87,6 +87,12 @@ class DedupConfig(_Strict):
     shingle_size: int = Field(3, ge=1, le=16, description="Words per shingle.")
 
 
+def _or_boolean(schema: dict[str, Any]) -> None:
+    """JSON schema of a section that also accepts true/false (see DataConfig._dedup_bool)."""
+    ref = {k: schema.pop(k) for k in ("$ref", "allOf") if k in schema}
+    schema["anyOf"] = [ref, {"type": "boolean"}]
+
+
 class DataConfig(_Strict):
     input_uris: list[str] = Field(
         default_factory=list, description="Files, folders or globs of .jsonl/.json/.parquet (optionally .gz/.zst).")
@@ -105,7 +111,9 @@ class DataConfig(_Strict):
     max_seq_length: int = Field(512, ge=8, description="Token limit per example (and per packed row).")
     length_policy: Literal["quarantine", "truncate"] = Field(
         "quarantine", description="What to do with an example over max_seq_length.")
-    dedup: DedupConfig = DedupConfig()
+    dedup: DedupConfig = Field(
+        DedupConfig(), json_schema_extra=_or_boolean,
+        description="Duplicate removal before the split; 'false' switches both kinds off.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack train examples into rows of max_seq_length (best-fit); attention stays "
                             "within each example. 'auto': packed when the cluster has GPUs.")
@@ -134,7 +142,9 @@ class DataConfig(_Strict):
 
 class QuantizationConfig(_Strict):
     load_in_4bit: bool = Field(True, description="QLoRA: freeze the base in 4-bit.")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: 'nf4' (NormalFloat, QLoRA's choice for normally distributed "
+                           "weights) or 'fp4'.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Matmul dtype; 'auto': bfloat16 on GPU, float32 on CPU (bf16 is emulated there).")
@@ -144,7 +154,8 @@ class ModelConfig(_Strict):
     base: str = Field(
         "smollm2-135m-instruct",
         description="'smollm2-135m-instruct' (embedded), a local folder, an s3:// folder, or a hub id.")
-    quantization: QuantizationConfig = QuantizationConfig()
+    quantization: QuantizationConfig = Field(
+        QuantizationConfig(), description="How the frozen base is quantized for training (bitsandbytes).")
     allow_pickle: bool = Field(
         False, description="Load .bin/.pt weights (pickle: loading one can run code). Off: safetensors only.")
     trust_remote_code: bool = Field(
@@ -152,12 +163,15 @@ class ModelConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    r: int = Field(16, ge=1, description="Rank of the adapter matrices: higher can learn more, at more memory "
+                                         "and time per step.")
+    alpha: int = Field(32, ge=1, description="Scale of the adapter's update (alpha / r); commonly 2 x r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input; raise it when a "
+                                                             "small dataset overfits.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="'all-linear', a list of module names, or those names comma-separated "
-                                  "(how a search choice gives them).")
+        "all-linear", json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        description="Modules that get adapters: 'all-linear', a list of module names, or those names "
+                    "comma-separated (how a search choice gives them).")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -168,7 +182,8 @@ class LoraConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    num_epochs: float = Field(1.0, gt=0)
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the train split (fractions allowed); "
+                                                    "max_steps overrides it when set.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use num_epochs).")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         8, description="Per-device micro-batch (rows); 'auto': the largest the memory planner fits on the "
@@ -176,11 +191,16 @@ class TrainingConfig(_Strict):
     max_auto_batch_size: int = Field(16, ge=1, description="Cap on an 'auto' micro-batch.")
     optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="'paged_adamw_8bit' keeps AdamW's moments in 8 bits (CUDA only).")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x this): a larger "
+                             "batch without more memory.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the adapter weights, reached "
+                                                         "after warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate changes after warmup.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the steps over which the learning "
+                                                                  "rate ramps up from 0.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay; a regulariser against overfitting.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute activations in backward; 'auto': off when the planner says they fit "
                             "on the trial's GPU (about 1.8x faster), off on a CPU (recompute costs more there).")
@@ -190,7 +210,7 @@ class TrainingConfig(_Strict):
     eval_steps: int = Field(10, ge=1, description="Evaluate and report to Tune every N steps.")
     eval_max_examples: int | None = Field(
         None, ge=1, description="Held-out examples scored at each in-training eval (all when unset).")
-    logging_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
 
 
 class SearchDim(_Strict):
@@ -241,9 +261,11 @@ TUNABLE_KEYS: dict[str, tuple[str, str]] = {
 
 
 class AshaConfig(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Stop trials that trail the others early (ASHA); off: every trial "
+                                            "runs to the end.")
     grace_period: int = Field(1, ge=1, description="Reports before a trial may be stopped.")
-    reduction_factor: int = Field(2, ge=2)
+    reduction_factor: int = Field(2, ge=2, description="At each rung only the best 1/N of trials go on; higher "
+                                                       "stops more trials, sooner.")
 
 
 class MlflowConfig(_Strict):
@@ -256,23 +278,27 @@ class MlflowConfig(_Strict):
 
 class TuneConfig(_Strict):
     search_space: dict[str, SearchDim] = Field(
-        default_factory=dict, description=f"Keys from: {', '.join(TUNABLE_KEYS)}.")
+        default_factory=dict,
+        description=f"What the trials vary, by key: {', '.join(TUNABLE_KEYS)}, or any training.<field> or "
+                    "lora.<field>.")
     num_samples: int = Field(1, ge=1, description="Samples of the space (grid values multiply it).")
-    max_concurrent_trials: int = Field(2, ge=1)
-    cpus_per_trial: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1, description="Trials run at once (the cluster's CPUs and GPUs "
+                                                            "may allow fewer).")
+    cpus_per_trial: int = Field(1, ge=1, description="CPUs a trial reserves (its torch threads on a CPU).")
     gpus_per_trial: float | Literal["auto"] = Field(
-        "auto", description="'auto': 1 when the cluster has GPUs, else 0.")
+        "auto", description="GPUs a trial reserves (a fraction shares one); 'auto': 1 when the cluster has GPUs, "
+                            "else 0.")
     metric: Literal["eval_loss", "eval_mean_token_accuracy"] = Field(
         "eval_loss", description="What picks the best trial and drives ASHA (loss: lower is better; "
                                  "token accuracy: higher).")
-    asha: AshaConfig = AshaConfig()
+    asha: AshaConfig = Field(AshaConfig(), description="Early stopping of trials that trail (ASHA scheduler).")
     search_algorithm: Literal["random", "optuna"] = Field(
         "random", description="'random': grid and random sampling (Tune's default); 'optuna': Optuna's TPE "
                               "through Tune (the 'search' extra).")
     time_budget_s: float | None = Field(None, gt=0, description="Stop the search after this many seconds.")
     max_failures: int = Field(
         2, ge=0, description="Retries of a trial whose worker died; it resumes from its last checkpoint.")
-    mlflow: MlflowConfig = MlflowConfig()
+    mlflow: MlflowConfig = Field(MlflowConfig(), description="Experiment tracking of the trials in MLflow.")
     cluster_autoscales: bool = Field(
         False, description="The cluster adds nodes on demand: do not refuse a trial no current node can hold.")
     gpu_memory_gb: float | None = Field(
@@ -314,9 +340,10 @@ def tunable_path(key: str) -> tuple[str, str] | None:
 class MergeConfig(_Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the 16-bit base the adapter is merged into and saved as.")
-    verify: bool = True
+    verify: bool = Field(True, description="Before publishing, check the merged model's greedy outputs against "
+                                           "the unmerged adapter's on eval prompts.")
     verify_prompts: int = Field(8, ge=1, description="Eval prompts the merged model is checked on.")
-    verify_max_new_tokens: int = Field(32, ge=1)
+    verify_max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt in the check.")
     verify_min_match: float = Field(
         0.85, ge=0.0, le=1.0,
         description="Share of prompts whose greedy output must equal the unmerged model's; rounding the "
@@ -329,7 +356,8 @@ METRICS = ("exact_match", "normalized_match", "valid_json", "json_match", "field
 class EvalConfig(_Strict):
     max_examples: int | None = Field(
         64, ge=1, description="Held-out examples generated on; null: the whole eval split.")
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per answer; must cover the "
+                                                      "longest expected answer.")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call in an actor.")
     task: Literal["auto", "exact_match", "json"] = Field(
         "auto", description="'json' adds valid-JSON rate and field accuracy; 'auto' picks it when answers are JSON.")
@@ -339,8 +367,9 @@ class EvalConfig(_Strict):
     scorer: str | None = Field(
         None, description="A user metric 'module:function', called as f(prediction, reference) -> float in [0, 1].")
     num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="Generation actors (one model each); 'auto': one per GPU, else one per 2 CPUs.")
-    cpus_per_actor: int = Field(1, ge=1)
+        "auto", description="Generation actors (one model each); 'auto': one per GPU, else one per "
+                            "cpus_per_actor CPUs.")
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs a generation actor reserves (its torch threads).")
     compare_adapter: bool = Field(
         False, description="Also score the unmerged base + adapter on the same prompts (merged should equal it).")
     samples: int = Field(8, ge=0, description="Side-by-side samples in the markdown summary.")
@@ -406,9 +435,11 @@ class ExportConfig(_Strict):
 
 
 class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(4.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 frees the GPU when idle (the next "
+                                                   "request waits for a replica to load).")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Requests in flight per replica the autoscaler "
+                                                                  "aims at; lower adds replicas sooner.")
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before a replica is added.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before one is removed.")
     look_back_period_s: float = Field(30.0, gt=0, description="Window the ongoing-request average is taken over.")
@@ -421,14 +452,18 @@ class AutoscalingConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = "/"
+    host: str = Field("127.0.0.1", description="Interface the HTTP proxy listens on; 0.0.0.0 accepts other "
+                                               "machines.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the endpoint.")
+    route_prefix: str = Field("/", description="URL path of the app (the API is <prefix>/v1); one per model "
+                                               "deployed side by side.")
     model_name: str | None = Field(None, description="Name clients send as 'model'; the run id when unset.")
     num_replicas: int | None = Field(None, ge=1, description="Fixed replicas; excludes autoscaling.")
-    autoscaling: AutoscalingConfig | None = None
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float | Literal["auto"] = "auto"
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Scale replicas with load; unset: num_replicas fixed replicas (1 when that is unset too).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs a replica reserves.")
+    gpus_per_replica: float | Literal["auto"] = Field(
+        "auto", description="GPUs a replica reserves; 'auto': 1 when the cluster has GPUs, else 0.")
     max_new_tokens: int = Field(
         256, ge=1, description="Most tokens a request may ask for (larger max_tokens: 400); also the default.")
     max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call.")
@@ -445,6 +480,24 @@ class ServeConfig(_Strict):
     max_adapters: int = Field(
         4, ge=0, description="Registry adapters a replica keeps loaded on its shared base (LRU); requests name "
                              "them as 'model': '<name>' or '<name>@v<N>'. 0: the merged model only.")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="What generates: 'vllm' (Ray Serve LLM with vLLM: continuous batching, paged KV "
+                            "cache, LoRA), 'transformers' (generate() in the replica; the fallback where vLLM "
+                            "cannot be installed or cannot run the model), or 'auto': vLLM when it is installed "
+                            "and supports the model here, else transformers (the deploy log says why).")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="vLLM only: compile the model and capture CUDA graphs. 'auto': on GPU yes; on CPU "
+                            "no, since compiling adds about a minute to every replica's start.")
+    kv_cache_gb: float = Field(
+        1.0, gt=0, description="vLLM on CPU only: memory for the KV cache per replica (on GPU vLLM sizes it "
+                               "from the free GPU memory).")
+    max_lora_rank: int = Field(
+        64, ge=1, description="vLLM only: the largest LoRA rank an adapter may have (vLLM reserves buffers "
+                              "for it).")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM only: engine arguments passed as given (e.g. "
+                                          "gpu_memory_utilization, tensor_parallel_size); they override the "
+                                          "ones ray-qlora derives.")
     app_name: str | None = Field(
         None, description="Ray Serve application name; 'ray-qlora-<model name>' when unset, so deploying "
                           "another run does not replace this one.")
@@ -457,19 +510,23 @@ class ServeConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    run: RunConfig
-    storage: StorageConfig = StorageConfig()
-    ray: RayConfig = RayConfig()
-    data: DataConfig
-    model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
-    training: TrainingConfig = TrainingConfig()
-    tune: TuneConfig = TuneConfig()
-    merge: MergeConfig = MergeConfig()
-    eval: EvalConfig = EvalConfig()
-    adapters: AdaptersConfig = AdaptersConfig()
-    export: ExportConfig = ExportConfig()
-    serve: ServeConfig = ServeConfig()
+    run: RunConfig = Field(description="Where the run's outputs go, its name and seed.")
+    storage: StorageConfig = Field(
+        StorageConfig(), description="Object store connection (credentials come from the environment).")
+    ray: RayConfig = Field(RayConfig(), description="The Ray cluster to join, or a local one.")
+    data: DataConfig = Field(description="Inputs, and how prepare turns rows into tokenized train/eval shards.")
+    model: ModelConfig = Field(ModelConfig(), description="The base model and how it is loaded.")
+    lora: LoraConfig = Field(LoraConfig(), description="Shape of the LoRA adapter trained on the frozen base.")
+    training: TrainingConfig = Field(TrainingConfig(), description="One trial's training loop.")
+    tune: TuneConfig = Field(TuneConfig(), description="The search over trials (Ray Tune): space, resources, "
+                                                       "early stopping.")
+    merge: MergeConfig = Field(MergeConfig(), description="Merging the best adapter into a 16-bit base, and its "
+                                                          "check.")
+    eval: EvalConfig = Field(EvalConfig(), description="Base vs tuned model on the held-out split.")
+    adapters: AdaptersConfig = Field(AdaptersConfig(), description="Publishing adapters to the registry.")
+    export: ExportConfig = Field(ExportConfig(), description="GGUF and Ollama files written with the merged "
+                                                             "model.")
+    serve: ServeConfig = Field(ServeConfig(), description="The OpenAI-compatible endpoint (Ray Serve).")
 
     @model_validator(mode="after")
     def _search_values_valid(self) -> "PipelineConfig":
