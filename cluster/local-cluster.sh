@@ -1,22 +1,152 @@
 #!/usr/bin/env bash
-# A local multi-process Ray cluster (head + one worker) with token auth on,
-# to try `ray job submit` on a laptop:
-#   cluster/local-cluster.sh start   # prints the address and the token to use
-#   cluster/local-cluster.sh stop
+# A local multi-node Ray cluster on one machine (a head + N worker nodes, each
+# its own raylet), token auth on, to try `ray job submit` as on a real cluster:
+#   cluster/local-cluster.sh up 2     # head + 2 workers; prints what to export and the submit command
+#   cluster/local-cluster.sh down     # stops this cluster's processes only
+# (`start` and `stop` are aliases of `up` and `down`.)
+#
+# The nodes run the project's virtualenv: its `ray`, and its bin/ first on PATH,
+# so a job's `python` is the venv's interpreter (the one with ray_qlora's
+# dependencies), not the system one.
+#
+# Settings (environment variables, with their defaults):
+#   RAY_TEMP_DIR=/tmp/ray-qlora-<uid>  Ray's temp dir: sessions, logs, the token; names the cluster for `down`
+#   GCS_PORT=6379 DASH_PORT=8265 CLIENT_PORT=10001
+#   AGENT_PORT=52365                   node i's dashboard agent listens on AGENT_PORT+i (one machine, many nodes)
+#   HEAD_CPUS=1 WORKER_CPUS=2          CPUs Ray schedules on the head and on each worker
+#   OBJECT_STORE_MB=1024               object store per node
+#   RAY_AUTH_TOKEN                     the token to use; else one is made in $RAY_TEMP_DIR/auth_token
+#   VENV=<repo>/.venv
 set -euo pipefail
-RAY=${RAY:-.venv/bin/ray}
-DASH_PORT=${DASH_PORT:-8265}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+RAY="$VENV/bin/ray"
+PY="$VENV/bin/python"
+RAY_TEMP_DIR=${RAY_TEMP_DIR:-${TMPDIR:-/tmp}/ray-qlora-$(id -u)}
 GCS_PORT=${GCS_PORT:-6379}
-export RAY_AUTH_MODE=token
+DASH_PORT=${DASH_PORT:-8265}
+CLIENT_PORT=${CLIENT_PORT:-10001}
+AGENT_PORT=${AGENT_PORT:-52365}
+HEAD_CPUS=${HEAD_CPUS:-1}
+WORKER_CPUS=${WORKER_CPUS:-2}
+OBJECT_STORE_MB=${OBJECT_STORE_MB:-1024}
+
+# This cluster's processes: every process of this user whose command line names
+# RAY_TEMP_DIR (gcs_server, raylets, dashboard and its agents, log monitors...),
+# plus their descendants (worker processes rename themselves `ray::...` and so
+# hide the temp dir). `ray stop` would kill every Ray process of this user on
+# the machine, other people's clusters and local `ray.init()`s included.
+cluster_pids() {
+  "$PY" - "$RAY_TEMP_DIR" <<'EOF'
+import os, re, sys
+import psutil
+# the temp dir as a whole path component: /tmp/ray-qlora-1000 must not match /tmp/ray-qlora-10001
+names = re.compile("|".join(re.escape(t) + r"(?![\w.-])"
+                            for t in {sys.argv[1].rstrip("/"), os.path.realpath(sys.argv[1])}))
+found = {}
+for p in psutil.process_iter(["pid", "uids", "cmdline"]):
+    try:
+        if p.info["uids"] and p.info["uids"].real == os.getuid() and p.pid != os.getpid() \
+                and any(names.search(arg) for arg in (p.info["cmdline"] or [])):
+            found[p.pid] = p
+            for c in p.children(recursive=True):
+                found[c.pid] = c
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+print(" ".join(str(pid) for pid in sorted(found)))
+EOF
+}
+
+down() {
+  local pids
+  pids=$(cluster_pids)
+  if [[ -z "$pids" ]]; then
+    echo "no Ray processes under $RAY_TEMP_DIR"
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 20); do
+    pids=$(cluster_pids)
+    [[ -z "$pids" ]] && break
+    sleep 0.5
+  done
+  if [[ -n "$pids" ]]; then
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+  fi
+  echo "cluster under $RAY_TEMP_DIR stopped"
+}
+
+up() {
+  local workers=${1:-1}
+  [[ "$workers" =~ ^[0-9]+$ ]] || { echo "up: N must be a number of worker nodes, got '$workers'" >&2; exit 2; }
+  [[ -x "$RAY" ]] || { echo "no $RAY: run 'make install' (or set VENV)" >&2; exit 2; }
+  if [[ -n "$(cluster_pids)" ]]; then
+    echo "a cluster is already running under $RAY_TEMP_DIR: '$0 down' first (or set RAY_TEMP_DIR)" >&2
+    exit 1
+  fi
+  mkdir -p "$RAY_TEMP_DIR"
+  local token_env
+  if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then
+    token_env="RAY_AUTH_TOKEN=<the token you set>"
+  else
+    # A token of this cluster's own, not ~/.ray/auth_token: other clusters on
+    # the machine may use that one.
+    if [[ ! -s "$RAY_TEMP_DIR/auth_token" ]]; then
+      (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$RAY_TEMP_DIR/auth_token")
+    fi
+    export RAY_AUTH_TOKEN_PATH="$RAY_TEMP_DIR/auth_token"
+    token_env="RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+  fi
+  export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+  export PATH="$VENV/bin:$PATH"   # what the nodes (and so every job's `python`) run
+  unset RAY_ADDRESS
+  local common=(--node-ip-address 127.0.0.1 --disable-usage-stats
+                --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024)))
+  "$RAY" start --head --port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
+    --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
+    --num-cpus "$HEAD_CPUS" --temp-dir "$RAY_TEMP_DIR" "${common[@]}" >"$RAY_TEMP_DIR/head.log" 2>&1 \
+    || { cat "$RAY_TEMP_DIR/head.log" >&2; down; exit 1; }
+  for i in $(seq 1 "$workers"); do
+    # Each worker node gets a temp dir of its own. Nodes that share one also share
+    # session_*/runtime_resources/, where each node's runtime-env agent unpacks a
+    # job's working_dir: a worker unpacking it again replaced the folder the job's
+    # driver (on the head) was running in, and the driver died at its next
+    # getcwd() (oneMKL's fatal error at `import torch`, or transformers' import).
+    "$RAY" start --address "127.0.0.1:$GCS_PORT" --num-cpus "$WORKER_CPUS" \
+      --dashboard-agent-listen-port $((AGENT_PORT + i)) --temp-dir "$RAY_TEMP_DIR/worker-$i" "${common[@]}" \
+      >"$RAY_TEMP_DIR/worker-$i.log" 2>&1 || { cat "$RAY_TEMP_DIR/worker-$i.log" >&2; down; exit 1; }
+  done
+  # `ray job submit` right after `ray start` can meet a jobs API or a job agent
+  # not up yet: wait for both, so the printed command works at once.
+  local ok=""
+  for _ in $(seq 1 60); do
+    if "$RAY" job list --address "http://127.0.0.1:$DASH_PORT" >/dev/null 2>&1 \
+        && "$PY" -c "import urllib.request as u, urllib.error as e, sys
+try: u.urlopen('http://127.0.0.1:$AGENT_PORT/', timeout=2)
+except e.HTTPError: pass
+except OSError: sys.exit(1)" 2>/dev/null; then
+      ok=1; break
+    fi
+    sleep 2
+  done
+  [[ -n "$ok" ]] || { echo "the jobs API at http://127.0.0.1:$DASH_PORT did not answer within 2 minutes" >&2; down; exit 1; }
+  cat <<EOF
+cluster up: head ($HEAD_CPUS CPU) + $workers worker(s) ($WORKER_CPUS CPU each), Ray temp dir $RAY_TEMP_DIR
+dashboard and jobs API: http://127.0.0.1:$DASH_PORT   (GCS 127.0.0.1:$GCS_PORT)
+next, in the shell that submits jobs:
+  export RAY_AUTH_MODE=token $token_env
+  $RAY job submit --address http://127.0.0.1:$DASH_PORT --working-dir . \\
+    --runtime-env-json "\$($PY jobs/runtime_env.py jobs/configs/local-cluster.yaml AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION)" -- \\
+    python -m ray_qlora.cli run jobs/configs/local-cluster.yaml --no-wait
+  (the AWS_* names pass the local S3 server's dummy keys; README "On a Ray cluster" has the whole path)
+stop it with: RAY_TEMP_DIR=$RAY_TEMP_DIR $0 down
+EOF
+}
+
 case "${1:-}" in
-  start)
-    "$RAY" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
-      --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus "${HEAD_CPUS:-1}" --disable-usage-stats
-    "$RAY" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 --num-cpus "${WORKER_CPUS:-2}"
-    echo "cluster up: export RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:$DASH_PORT"
-    echo "the token is in ~/.ray/auth_token (or RAY_AUTH_TOKEN if you set one)" ;;
-  stop)
-    "$RAY" stop --force ;;
-  *)
-    echo "usage: $0 start|stop" >&2; exit 2 ;;
+  up|start) up "${2:-1}" ;;
+  down|stop) down ;;
+  *) echo "usage: $0 up [N] | down   (start/stop are aliases)" >&2; exit 2 ;;
 esac

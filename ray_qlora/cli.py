@@ -33,10 +33,35 @@ def _plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0 if report.fits is not False else 1
 
 
+def _load_torch_first() -> None:
+    """Import torch before a stage touches Ray or S3, while this process's working directory exists.
+
+    Intel oneMKL, linked into libtorch_cpu.so, calls getcwd() while torch is
+    imported and, when that fails, exits the process from C: "Intel oneMKL
+    FATAL ERROR: Cannot load .../libtorch_cpu.so". A job's driver runs in
+    Ray's unpacked working_dir; if that folder is removed while the job runs
+    (nodes sharing one Ray temp dir did that: cluster/local-cluster.sh), the
+    driver's first `import torch` (tune, right after prepare) kills it.
+    Once prepare has used pyarrow's S3 filesystem, that C exit() also skips
+    Python's atexit hook that finalises the AWS SDK, whose static destructors
+    then crash: "FinalizeS3 was not called", SIGSEGV. Imported first, MKL has
+    done its getcwd() and the driver no longer depends on the folder.
+    """
+    import os
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UserError("this process's working directory no longer exists (deleted while the job or shell "
+                        "was in it); run from an existing directory, or resubmit the job") from None
+    import torch  # noqa: F401
+
+
 def _stage(name: str) -> Callable[[PipelineConfig, argparse.Namespace], int]:
     def run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         from ray_qlora.pipeline import Run, connect_ray, run_stage
 
+        _load_torch_first()
         connect_ray(cfg)
         run = Run(cfg, args.run_id, resume=getattr(args, "resume", False),
                   allow_config_change=args.allow_config_change)
@@ -97,6 +122,7 @@ def _required(args: argparse.Namespace, name: str) -> str:
 def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from ray_qlora.pipeline import run_pipeline
 
+    _load_torch_first()
     run = run_pipeline(cfg, run_id=args.run_id, allow_config_change=args.allow_config_change)
     print(run.output("evaluate")["table"])
     _serve_until_interrupted(cfg, args, run.output("serve"))
@@ -149,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                             help="plan for a Llama-shape model of this many parameters (e.g. 7e9), no weights needed")
     d = sub.add_parser("demo", help="the embedded default: local S3 + local Ray + SmolLM2 + sample data")
     d.add_argument("config", nargs="?", default="jobs/configs/demo.yaml")
+    sub.add_parser("config-schema", help="print the config's JSON schema (for editors and CI); keys: docs/CONFIG.md")
     return p
 
 
@@ -160,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             from ray_qlora.demo import demo
 
             demo(args.config)
+            return 0
+        if args.verb == "config-schema":
+            import json
+
+            from ray_qlora.config_docs import json_schema
+
+            print(json.dumps(json_schema(), indent=2))
             return 0
         cfg = load_config(args.config, args.overrides)
         return VERBS[args.verb][1](cfg, args)

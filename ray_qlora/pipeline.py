@@ -64,23 +64,56 @@ def config_changes(before: dict[str, Any], after: dict[str, Any], prefixes: tupl
 
 
 def connect_ray(cfg: PipelineConfig) -> None:
-    """Join the configured cluster, the one a `ray job submit` driver runs in, or start a local Ray."""
+    """Join the configured cluster, the one a `ray job submit` driver runs in, or start a local Ray.
+
+    A cluster that cannot be reached fails within seconds with its address
+    (UserError): ray.init alone retries a dead GCS for minutes.
+    """
     import os
 
     import ray
 
     if ray.is_initialized():
         return
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    address, source = cfg.ray.address, "ray.address"
+    if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):  # Ray reads it for these two only
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address and address != "local":
+        _check_reachable(address, source)
         # A job's runtime env (jobs/runtime_env.yaml) already applies; passing
         # another here would replace it, working_dir included.
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+        try:
+            ray.init(address=cfg.ray.address, log_to_driver=True)
+        except ConnectionError as err:
+            raise UserError(f"cannot join the Ray cluster at {address} (from {source}): {err}") from None
     else:
         # Local workers inherit this process's environment (S3 settings included).
-        # address="local": a fresh local Ray, never a stale record of an earlier cluster.
+        # address="local": a fresh local Ray, never Ray's record of the last
+        # cluster on this machine, which may have died uncleanly.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     log.info("ray: %s", ray.cluster_resources())
+
+
+def _check_reachable(address: str, source: str, timeout_s: float = 5.0) -> None:
+    """Raise UserError unless something accepts a TCP connection at the cluster's address."""
+    import socket
+
+    target = address
+    if address == "auto":  # Ray's record of the last `ray start` on this machine (in its temp dir)
+        from ray._private.services import find_bootstrap_address
+
+        target = find_bootstrap_address(None) or ""  # none: ray.init looks further, or says so at once
+    host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port; ray.init says what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        shown = address if target == address else f"{address} ({target})"
+        raise UserError(
+            f"cannot reach the Ray cluster at {shown} (from {source}): {err.strerror or err}. "
+            f"Start the cluster or fix {source}; unset it (or set ray.address: local) to run on a local Ray.") from None
 
 
 class Run:

@@ -1,83 +1,93 @@
-"""`ray job submit` to a `ray start --head` cluster with token authentication on.
+"""`ray job submit` to cluster/local-cluster.sh's cluster (head + 1 worker, token auth on), as the README says.
 
-The test starts a real head node (as Ray 2.60 starts one, auth on), shows
-that a client without the token is refused, submits the pipeline as a job
-with the token, and checks the run it leaves behind: run.json in the object
-store and a Serve endpoint that outlives the job's driver.
+The module starts the cluster with the script (free ports, a temp dir of its
+own, nodes that do not see this shell's S3 or RAY_QLORA_* variables), shows
+that a client without the token is refused, runs the README's upload and
+`ray job submit` lines (only the port and the model changed), checks the
+run the job leaves in the object store and asks the Serve endpoint, which
+outlives the job's driver; then `down` must leave no process behind.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
+import psutil
 import pytest
-import yaml
 
 from ray_qlora import storage
 from ray_qlora.config import load_config
-from ray_qlora.demo import upload_sample
 from ray_qlora.local_s3 import free_port
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+SCRIPT = str(ROOT / "cluster" / "local-cluster.sh")
+
+
+def _readme_commands() -> dict[str, str]:
+    """The README's local-cluster block, one command per first word (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### A multi-node cluster on one machine", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmds: dict[str, str] = {}
+    for cmd in re.sub(r"\\\n\s*", "", block).splitlines():
+        cmd = re.sub(r"\s+#\s.*$", "", cmd).strip()
+        if cmd:
+            key = " ".join(cmd.split()[:2 if cmd.startswith((".venv/bin/", "cluster/")) else 1])
+            cmds[key] = cmd
+    return cmds
+
+
+def _cluster_processes(temp: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any(temp in arg for arg in (p.info["cmdline"] or []))]
 
 
 @pytest.fixture(scope="module")
-def head(local_s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # noqa: ANN001
-    token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    # The job's `python` must be this environment's, as on a cluster image with the package installed.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    temp = tmp_path_factory.mktemp("ray-head")
-    gcs, dash = free_port(), free_port()
-    subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
-                    "--temp-dir", str(temp), "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 60
-    while time.time() < deadline:  # the jobs API comes up a little after `ray start` returns
-        r = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, timeout=60)
-        if r.returncode == 0:
-            break
-        time.sleep(2)
-    yield {"address": address, "env": env}
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+def cluster(local_s3) -> Iterator[dict]:  # noqa: ANN001
+    temp = tempfile.mkdtemp(prefix="rq-job-")  # short: Ray's socket paths must stay under 107 bytes
+    ports = {k: str(free_port()) for k in ("GCS_PORT", "DASH_PORT", "CLIENT_PORT")}
+    ports["AGENT_PORT"] = str(free_port())  # the worker's agent takes AGENT_PORT+1
+    # The nodes start without this shell's S3 and RAY_QLORA_* settings: the job must get them
+    # from its runtime env, as on a real cluster.
+    node_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("AWS_", "RAY_QLORA_", "RAY_AUTH_", "RAY_ADDRESS"))}
+    node_env.update(ports, RAY_TEMP_DIR=temp, VENV=str(BIN.parent), HEAD_CPUS="1", WORKER_CPUS="2",
+                    OBJECT_STORE_MB="512")
+    started = time.monotonic()
+    up = subprocess.run([SCRIPT, "up", "1"], env=node_env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        print(f"local-cluster.sh up 1: {time.monotonic() - started:.0f} s")
+        # what `up` prints to export, in the submitting shell
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": f"{temp}/auth_token"}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN", None)
+        assert f"RAY_AUTH_TOKEN_PATH={temp}/auth_token" in up.stdout, up.stdout
+        yield {"address": f"http://127.0.0.1:{ports['DASH_PORT']}", "env": env, "temp": temp, "up": up.stdout}
+    finally:
+        down = subprocess.run([SCRIPT, "down"], env=node_env, capture_output=True, text=True, timeout=120)
+        left = _cluster_processes(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+        assert not left, [p.info["cmdline"][:2] for p in left]
 
 
-def _job_config(tmp: Path, tiny_model_dir: Path, port: int) -> Path:
-    cfg = {
-        "run": {"output_uri": "s3://job-bucket/out", "run_id": "job"},
-        "storage": {"endpoint_url": "${AWS_ENDPOINT_URL}"},
-        "data": {"input_uris": ["s3://job-bucket/raw/"], "max_seq_length": 128},
-        "model": {"base": str(tiny_model_dir)},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"max_steps": 2, "eval_steps": 1, "batch_size": 4},
-        "tune": {"search_space": {"lora_r": {"values": [2, 4]}}, "max_concurrent_trials": 2},
-        "merge": {"dtype": "float32", "verify_prompts": 2, "verify_max_new_tokens": 4},
-        "eval": {"max_examples": 2, "max_new_tokens": 4},
-        "serve": {"port": port, "model_name": "job-model", "max_new_tokens": 8,
-                  "api_key_file": str(tmp / "keys.txt")},  # auth stays on: the key file is what a Secret mounts
-    }
-    (tmp / "keys.txt").write_text("job-key-1\n")
-    path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def test_refused_without_token(head: dict) -> None:
+def test_refused_without_token(cluster: dict) -> None:
+    head = cluster
     # a client that sends no token at all: the cluster (not the client) must refuse it
-    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
     env["HOME"] = "/nonexistent"  # no ~/.ray/auth_token to fall back on
     r = subprocess.run([RAY, "job", "list", "--address", head["address"]], env=env, capture_output=True,
                        text=True, timeout=60)
@@ -91,31 +101,43 @@ def test_refused_without_token(head: dict) -> None:
     assert r.returncode == 0, r.stderr[-2000:]  # the same call with the cluster's token goes through
 
 
-def test_pipeline_as_a_job(head: dict, local_s3, tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    local_s3.create_bucket("job-bucket")
+def test_readme_job_on_the_local_cluster(cluster: dict, local_s3, tiny_model_dir: Path) -> None:  # noqa: ANN001
+    cmds = _readme_commands()
     port = free_port()
-    cfg_path = _job_config(tmp_path, tiny_model_dir, port)
-    cfg = load_config(cfg_path)
-    upload_sample("s3://job-bucket/raw", cfg.storage)
+    env = {**cluster["env"], "RAY_QLORA_BASE": str(tiny_model_dir), "RAY_QLORA_API_KEYS": "job-key-1"}
 
-    submit = [RAY, "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
-              "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
-              "python", "-m", "ray_qlora.cli", "run", str(cfg_path), "--no-wait"]
-    for _ in range(30):  # the job agent may come up after the jobs API answers
-        r = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT)
-        if "No available agent" not in r.stderr:
-            break
-        time.sleep(2)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    def sh(cmd: str, timeout: int) -> subprocess.CompletedProcess[str]:
+        cmd = cmd.replace(".venv/bin/", f"{BIN}/").replace("127.0.0.1:8265", cluster["address"][len("http://"):])
+        return subprocess.run(["bash", "-c", cmd], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+
+    upload = sh(cmds[".venv/bin/python jobs/upload_sample.py"], 120)
+    assert upload.returncode == 0, upload.stderr[-3000:]
+    # the README's submit line; then only what makes it a test: the tiny model's sizes, a free port
+    submit = cmds[".venv/bin/ray job"] + " " + " ".join(
+        f"--set {kv}" for kv in (
+            "run.run_id=job", "data.max_seq_length=128", "data.packing=false", "lora.r=4", "lora.alpha=8",
+            "training.max_steps=2", "training.eval_steps=1", "training.batch_size=4", "merge.dtype=float32",
+            "merge.verify_prompts=2", "merge.verify_max_new_tokens=4", "eval.max_examples=2",
+            "eval.max_new_tokens=4", "serve.max_new_tokens=8", "serve.autoscaling.max_replicas=1",
+            f"serve.port={port}"))
+    assert submit.split(" -- ")[1].startswith("python -m ray_qlora.cli run jobs/configs/local-cluster.yaml --no-wait")
+    started = time.monotonic()
+    r = sh(submit, 900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout
+    print(f"job: {time.monotonic() - started:.0f} s")
+    assert "Intel oneMKL" not in r.stdout and "FinalizeS3" not in r.stdout
 
-    rec = storage.read_json(storage.RunPaths.for_run("s3://job-bucket/out", "job").run_json, cfg.storage)
+    cfg = load_config(ROOT / "jobs" / "configs" / "local-cluster.yaml")
+    rec = storage.read_json(storage.RunPaths.for_run(cfg.run.output_uri, "job").run_json, cfg.storage)
     assert all(rec["stages"][s]["status"] == "succeeded" for s in ("prepare", "tune", "merge", "evaluate", "serve"))
     assert rec["stages"]["tune"]["result"]["trials"] == 2
+    assert rec["config"]["model"]["base"] == str(tiny_model_dir)  # RAY_QLORA_BASE reached the job
 
     # Serve runs in the cluster, so the endpoint is still up after the job's driver exited.
     url, body = f"http://127.0.0.1:{port}/v1/chat/completions", {
-        "model": "job-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        "model": "medication-json", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     refused = httpx.post(url, timeout=60, json=body)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     resp = httpx.post(url, timeout=60, json=body, headers={"Authorization": "Bearer job-key-1"})
