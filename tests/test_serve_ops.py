@@ -85,7 +85,7 @@ def _wait_for_metric(name: str, label: str, value: str, timeout: float = 90) -> 
     deadline, lines = time.time() + timeout, []
     while time.time() < deadline:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        lines = [line for line in text.splitlines() if line.startswith(("ray_" + name, name)) and label in line]
+        lines = [line for line in text.splitlines() if line.startswith(name + "{") and label in line]
         if any(line.rsplit(" ", 1)[-1] == value for line in lines):
             return
         time.sleep(3)
@@ -103,7 +103,7 @@ def test_prometheus_metrics_count_requests_by_status(serve_port: int, tiny_model
     deadline, text = time.time() + 90, ""
     while time.time() < deadline:  # Ray exports metrics every few seconds
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        ok = [line for line in text.splitlines() if "ray_qlora_requests" in line and 'model="metrics-app"' in line
+        ok = [line for line in text.splitlines() if line.startswith("ray_qlora_requests_total{") and 'model="metrics-app"' in line
               and 'route="/metrics-app/v1/chat/completions"' in line and not line.startswith("#")]
         if any('status="200"' in line and line.rsplit(" ", 1)[-1] == "3.0" for line in ok) and \
                 any('status="401"' in line for line in ok) and "serve_num_http_requests" in text:
@@ -112,7 +112,8 @@ def test_prometheus_metrics_count_requests_by_status(serve_port: int, tiny_model
     else:
         raise AssertionError("request counts never showed up:\n" + "\n".join(
             line for line in text.splitlines() if "ray_qlora" in line)[:3000])
-    assert "ray_qlora_time_to_first_token_seconds" in text and "ray_qlora_generated_tokens" in text
+    # the exported names (Ray prefixes 'ray_' to the code's 'qlora_...'), as dashboards query them
+    assert "\nray_qlora_time_to_first_token_seconds_bucket{" in text and "\nray_qlora_generated_tokens_total{" in text
     assert "serve_num_http_requests" in text  # Serve's own metrics, beside the project's
 
 

@@ -304,8 +304,13 @@ class _LimitsMiddleware:
     refused while it streams in, not after it has been read into memory.
     """
 
-    def __init__(self, app: Any, limits: Limits) -> None:
-        self.app, self.limits = app, limits
+    def __init__(self, app: Any, limits: Limits | Callable[[], Limits]) -> None:
+        self.app, self._limits = app, limits
+
+    @property
+    def limits(self) -> Limits:
+        # a callable is asked on every request: an app pickled to a replica still sees what it set at start
+        return self._limits() if callable(self._limits) else self._limits
 
     @property
     def max_body_bytes(self) -> int:

@@ -40,7 +40,7 @@ from ray_qlora.serve.api import (
     text_completion_body,
 )
 
-__all__ = ["ChatServer", "api_keys", "build_app", "deploy"]
+__all__ = ["ChatServer", "api_keys", "build_app", "build_application", "choose_engine", "deploy"]
 
 log = logging.getLogger(__name__)
 limits = Limits()  # filled in by the replica from its config
@@ -83,18 +83,18 @@ class _Metrics:
         from ray.serve import metrics
 
         self.model = model
-        self.requests = metrics.Counter("ray_qlora_requests", "HTTP responses by route and status.",
+        self.requests = metrics.Counter("qlora_requests", "HTTP responses by route and status.",
                                         tag_keys=("model", "route", "status"))
-        self.latency = metrics.Histogram("ray_qlora_response_start_seconds",
+        self.latency = metrics.Histogram("qlora_response_start_seconds",
                                          "Seconds until the response starts (the whole answer unless streamed).",
                                          boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
                                          tag_keys=("model", "route"))
-        self.ttft = metrics.Histogram("ray_qlora_time_to_first_token_seconds",
+        self.ttft = metrics.Histogram("qlora_time_to_first_token_seconds",
                                       "Seconds from a request to its first generated text.",
                                       boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=("model", "mode"))
-        self.tokens = metrics.Counter("ray_qlora_generated_tokens", "Completion tokens generated.",
+        self.tokens = metrics.Counter("qlora_generated_tokens", "Completion tokens generated.",
                                       tag_keys=("model", "mode"))
-        self.adapters = metrics.Gauge("ray_qlora_loaded_adapters", "Registry adapters loaded on this replica's base.",
+        self.adapters = metrics.Gauge("qlora_loaded_adapters", "Registry adapters loaded on this replica's base.",
                                       tag_keys=("model",))
 
     def response(self, route: str, status: int, seconds: float) -> None:
@@ -306,15 +306,48 @@ def app_name(cfg: PipelineConfig, model_name: str) -> str:
     return cfg.serve.app_name or f"ray-qlora-{model_name}"
 
 
+def choose_engine(cfg: PipelineConfig, model_config: dict[str, Any], on_gpu: bool) -> tuple[str, str]:
+    """(engine, why): serve.engine, with 'auto' resolved to vLLM where it can run this model here."""
+    from ray_qlora.serve.vllm_engine import engine_problem
+
+    wanted = cfg.serve.engine
+    if wanted == "transformers":
+        return "transformers", "serve.engine: transformers"
+    problem = engine_problem(model_config, on_gpu)
+    if problem is None:
+        return "vllm", f"serve.engine: {wanted}"
+    if wanted == "vllm":
+        raise ConfigError(f"invalid config: serve.engine: vllm cannot serve this model here: {problem}; "
+                          "set serve.engine: transformers (or auto)")
+    return "transformers", f"serve.engine: auto, and {problem}"
+
+
+def _on_gpu(cfg: PipelineConfig) -> bool:
+    return float(_deployment_options(cfg)["ray_actor_options"]["num_gpus"]) > 0
+
+
+def build_application(cfg: PipelineConfig, model_uri: str, model_name: str) -> tuple[Any, str]:
+    """The Serve application for a merged model on the engine serve.engine picks, and that engine's name."""
+    model_config = storage.read_json(storage.join(model_uri, "config.json"), cfg.storage)
+    on_gpu = _on_gpu(cfg)
+    engine, why = choose_engine(cfg, model_config, on_gpu)
+    log.info("serve: engine %s (%s)", engine, why)
+    if engine == "vllm":
+        from ray_qlora.serve.vllm_engine import build_vllm_app
+
+        return build_vllm_app(cfg, model_uri, model_name, model_config, on_gpu), engine
+    return build_app(cfg, model_uri, model_name), engine
+
+
 def deploy(cfg: PipelineConfig, run: storage.RunPaths, run_id: str) -> dict[str, Any]:
     """Deploy the run's merged model; returns the endpoint's base URL and model name."""
     model_name = cfg.serve.model_name or run_id
     keys = api_keys(cfg)  # a missing key is the user's to fix: say so here, not in a replica that cannot start
     name = app_name(cfg, model_name)
+    application, engine = build_application(cfg, run.merged, model_name)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     try:
-        serve.run(build_app(cfg, run.merged, model_name), name=name, route_prefix=cfg.serve.route_prefix,
-                  blocking=False)
+        serve.run(application, name=name, route_prefix=cfg.serve.route_prefix, blocking=False)
     except RayServeException as err:
         if "is being used by application" not in str(err):
             raise
@@ -325,4 +358,4 @@ def deploy(cfg: PipelineConfig, run: storage.RunPaths, run_id: str) -> dict[str,
     log.info("serve: %s answering as model %r at %s (app %s, auth %s)", run.merged, model_name, base_url, name,
              "on" if keys is not None else "off")
     return {"base_url": base_url, "model": model_name, "model_uri": run.merged, "app": name,
-            "auth": cfg.serve.auth, "deployment": _deployment_options(cfg)}
+            "auth": cfg.serve.auth, "engine": engine, "deployment": _deployment_options(cfg)}

@@ -1,0 +1,110 @@
+"""serve.engine: which engine serves, the vLLM engine's settings, and the request rewriting in front of it.
+
+Fast checks without a cluster; tests/test_serve_vllm.py runs the vLLM engine for real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+
+from ray_qlora.config import ConfigError, parse_config
+from ray_qlora.serve.api import APIError
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
+HEAD16 = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 512}  # the shared tiny model
+HEAD64 = {"hidden_size": 576, "num_attention_heads": 9, "max_position_embeddings": 8192}  # SmolLM2-135M
+
+
+def _cfg(output_uri: str = "/tmp/out", **serve: Any) -> Any:
+    return parse_config({"run": {"output_uri": output_uri}, "data": {"input_uris": ["x"]},
+                         "model": {"base": "/tmp/base"}, "serve": {"auth": "none", **serve}})
+
+
+def test_transformers_when_asked() -> None:
+    from ray_qlora.serve.deployment import choose_engine
+
+    assert choose_engine(_cfg(engine="transformers"), HEAD64, on_gpu=False)[0] == "transformers"
+
+
+@needs_vllm
+def test_auto_picks_vllm_where_it_runs_and_says_why_not_otherwise() -> None:
+    from ray_qlora.serve.deployment import choose_engine
+
+    assert choose_engine(_cfg(), HEAD64, on_gpu=False)[0] == "vllm"
+    engine, why = choose_engine(_cfg(), HEAD16, on_gpu=False)
+    assert engine == "transformers" and "head size" in why and "16" in why
+    assert choose_engine(_cfg(), HEAD16, on_gpu=True)[0] == "vllm"  # the restriction is the CPU backend's
+    with pytest.raises(ConfigError, match="serve.engine: vllm cannot serve this model here"):
+        choose_engine(_cfg(engine="vllm"), HEAD16, on_gpu=False)
+
+
+@needs_vllm
+def test_vllm_settings_on_cpu_and_gpu() -> None:
+    from ray_qlora.serve.vllm_engine import llm_configs
+
+    cfg = _cfg(max_context=1024, kv_cache_gb=0.5, max_batch_size=4, num_replicas=2, max_adapters=0)
+    (cpu,) = llm_configs(cfg, "/tmp/out/runs/r/merged", "m", HEAD64, on_gpu=False)
+    kw = cpu.engine_kwargs
+    assert cpu.model_id == "m" and cpu.accelerator_config.kind == "cpu"
+    assert kw["max_model_len"] == 1024 and kw["max_num_seqs"] == 4 and kw["kv_cache_memory_bytes"] == 1 << 29
+    assert kw["enforce_eager"] is True  # compile: auto is off on CPU (a minute more per replica start)
+    assert cpu.deployment_config["num_replicas"] == 2
+    (gpu,) = llm_configs(cfg, "s3://b/out/runs/r/merged", "m", HEAD64, on_gpu=True)
+    assert gpu.engine_kwargs["enforce_eager"] is False and "kv_cache_memory_bytes" not in gpu.engine_kwargs
+    assert gpu.model_loading_config.model_source.bucket_uri == "s3://b/out/runs/r/merged"
+    (given,) = llm_configs(_cfg(max_adapters=0, compile=True, engine_kwargs={"max_num_seqs": 64}), "/m", "m",
+                           HEAD64, on_gpu=False)
+    assert given.engine_kwargs["max_num_seqs"] == 64 and given.engine_kwargs["enforce_eager"] is False
+
+
+@needs_vllm
+def test_adapters_get_a_lora_engine_on_the_base_only_from_object_storage(tmp_path: Any) -> None:
+    from ray_qlora.serve.vllm_engine import BASE_SUFFIX, llm_configs
+
+    (base := tmp_path / "base").mkdir()
+    (base / "config.json").write_text("{}")
+    local = _cfg(str(tmp_path / "out"), max_adapters=3).model_copy(deep=True)
+    local.model.base = str(base)
+    assert len(llm_configs(local, "/m", "m", HEAD64, on_gpu=False)) == 1  # vLLM loads LoRA from object storage
+    remote = local.model_copy(update={"run": local.run.model_copy(update={"output_uri": "s3://b/out"})})
+    merged, adapters = llm_configs(remote, "s3://b/out/runs/r/merged", "m", HEAD64, on_gpu=False)
+    assert adapters.model_id == "m" + BASE_SUFFIX and adapters.model_loading_config.model_source == str(base)
+    assert adapters.lora_config.dynamic_lora_loading_path == "s3://b/out/adapters"
+    assert adapters.lora_config.max_num_adapters_per_replica == 3 and adapters.engine_kwargs["enable_lora"]
+    assert "enable_lora" not in merged.engine_kwargs
+
+
+def _state(**serve: Any) -> Any:
+    from ray_qlora.serve.vllm_engine import _State
+
+    return _State(cfg=_cfg(max_new_tokens=64, **serve), model_name="m")
+
+
+def test_requests_are_capped_and_cleaned_before_the_engine() -> None:
+    from ray_qlora.serve.vllm_engine import rewrite_request
+
+    st = _state()
+    body, internal = rewrite_request(st, {"model": "m", "messages": [], "chat_template": "{{ evil }}"},
+                                     "/v1/chat/completions")
+    assert internal is None and body["max_tokens"] == 64 and "chat_template" not in body
+    body, _ = rewrite_request(st, {"model": "m", "prompt": "x", "max_tokens": 8}, "/v1/completions")
+    assert body["max_tokens"] == 8
+    with pytest.raises(APIError) as err:
+        rewrite_request(st, {"model": "m", "max_completion_tokens": 65}, "/v1/chat/completions")
+    assert err.value.status == 400 and err.value.code == "max_tokens_exceeded" and "65" in err.value.message
+
+
+@pytest.mark.parametrize("model", ["other", "m--base", "m--base:task/v1", "s3://b/x", "task-a"])
+def test_only_the_merged_model_and_registry_names_reach_the_engine(model: str) -> None:
+    from ray_qlora.serve.vllm_engine import rewrite_request
+
+    with pytest.raises(APIError) as err:  # a local registry: vLLM serves no adapters from it
+        rewrite_request(_state(), {"model": model, "messages": []}, "/v1/chat/completions")
+    assert err.value.status == 404 and err.value.code == "model_not_found"
+    with pytest.raises(APIError) as missing:
+        rewrite_request(_state(), {"messages": []}, "/v1/chat/completions")
+    assert missing.value.status == 400
