@@ -3,7 +3,9 @@
 The 4-bit base is frozen; only LoRA matrices train. Every ``eval_steps`` the
 trial reports eval loss to Tune together with a checkpoint holding the
 adapter alone (a few MB, never the base), so ASHA can stop weak trials and
-the best checkpoint of the best trial is what ``merge`` picks up.
+the best checkpoint of the best trial is what ``merge`` picks up. Each
+evaluation also sets the trial's Prometheus gauges (``ray_qlora_trial_*``
+on the wire, tagged with the run id and Tune's trial name).
 """
 
 from __future__ import annotations
@@ -209,7 +211,60 @@ def _peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _tune_report_callback(device: str, resumed_from: int) -> "TrainerCallback":
+# Prometheus gauges each trial sets at every evaluation (Ray exports a metric NAME as ray_NAME, so these are
+# scraped as ray_qlora_trial_*; infra/monitoring/dashboards/training.json reads them). Key: the _metrics() entry.
+_TRIAL_GAUGE_TAGS = ("run", "trial")
+_trial_gauges: dict[str, Any] | None = None
+
+
+def _get_trial_gauges() -> dict[str, Any]:
+    """The trial gauges, created once per process; none (nothing exported) where Ray is not running."""
+    global _trial_gauges
+    if _trial_gauges is not None:
+        return _trial_gauges
+    try:
+        import ray
+        from ray.util.metrics import Gauge
+
+        if not ray.is_initialized():  # a Ray metric needs a Ray worker or driver; maybe later in this process
+            return {}
+        tags = _TRIAL_GAUGE_TAGS
+        _trial_gauges = {
+            "eval_loss": Gauge("qlora_trial_eval_loss", description="Eval loss at the trial's last evaluation.",
+                               tag_keys=tags),
+            "tokens_per_s": Gauge("qlora_trial_tokens_per_second",
+                                  description="Training tokens per second of the trial so far.", tag_keys=tags),
+            "peak_memory_gib": Gauge("qlora_trial_peak_memory_gib",
+                                     description="Peak GPU memory (on a CPU: peak resident memory) of the trial.",
+                                     tag_keys=tags),
+            "step": Gauge("qlora_trial_step", description="Optimizer step of the trial's last evaluation.",
+                          tag_keys=tags),
+        }
+    except Exception as e:  # noqa: BLE001 - metrics are an extra; training goes on without them
+        log.warning("train: trial metrics not exported (%s: %s)", type(e).__name__, e)
+        _trial_gauges = {}
+    return _trial_gauges
+
+
+def _export_trial_metrics(metrics: dict[str, Any], run_id: str, trial: str) -> None:
+    """Set the trial gauges from one evaluation's report; a value not known yet (None) is left as it was."""
+    tags = {"run": run_id, "trial": trial}
+    for key, gauge in _get_trial_gauges().items():
+        if metrics.get(key) is not None:
+            gauge.set(float(metrics[key]), tags=tags)
+
+
+def _trial_name() -> str:
+    """Tune's name of the running trial (train_trial_<id>), '' outside Tune."""
+    try:
+        from ray import tune
+
+        return tune.get_context().get_trial_name() or ""
+    except Exception:  # noqa: BLE001 - not in a Tune trial
+        return ""
+
+
+def _tune_report_callback(device: str, resumed_from: int, run_id: str = "") -> "TrainerCallback":
     from ray import tune
     from transformers import TrainerCallback
 
@@ -232,6 +287,7 @@ def _tune_report_callback(device: str, resumed_from: int) -> "TrainerCallback":
             import ray
 
             self.node_id = ray.get_runtime_context().get_node_id()
+            self.trial = _trial_name()
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             for key in ("loss", "num_tokens"):
@@ -252,12 +308,14 @@ def _tune_report_callback(device: str, resumed_from: int) -> "TrainerCallback":
             if state.global_step == self.reported_step or not metrics:
                 return
             self.reported_step = state.global_step
+            report = self._metrics(state, metrics)
+            _export_trial_metrics(report, run_id, self.trial)
             if control.should_save:  # the Trainer checkpoints next; report with that folder
-                self.pending = self._metrics(state, metrics)
+                self.pending = report
                 return
             with tempfile.TemporaryDirectory() as d:
                 model.save_pretrained(d)  # PeftModel: adapter weights + adapter_config.json only
-                tune.report(self._metrics(state, metrics), checkpoint=tune.Checkpoint.from_directory(d))
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
         def on_save(self, args, state, control, **kw):  # noqa: ANN001
             if self.pending is None:
@@ -307,8 +365,8 @@ def train_trial(params: dict[str, Any], cfg_json: str, run_root: str) -> None:
         step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
         if resume:
             log.info("train: resuming from the checkpoint at step %d", step)
-        trainer = build_trainer(cfg, base, train_ds, eval_ds, out, device, [_tune_report_callback(device, step)],
-                                checkpoints=True)
+        report = _tune_report_callback(device, step, run.run_id)
+        trainer = build_trainer(cfg, base, train_ds, eval_ds, out, device, [report], checkpoints=True)
         trainer.train(resume_from_checkpoint=resume)
         if trainer.state.global_step % cfg.training.eval_steps:
             trainer.evaluate()  # the final weights get reported too

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import threading
 import time
@@ -100,11 +102,66 @@ def test_optuna_searches_the_space(root: Path, tiny_model_dir: Path) -> None:
     run = _prepared_run(root, tiny_model_dir, "optuna", tune={
         "search_space": {"learning_rate": {"loguniform": [1e-4, 1e-2]}, "lora_r": {"choice": [2, 4]}},
         "search_algorithm": "optuna", "num_samples": 3})
+    gauges = _TrialGauges("optuna")
+    gauges.start()
     result = run_stage(run, "tune")
     board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
     assert len(board) == 3 and all(row["status"] == "completed" for row in board)
     lrs = {row["params"]["learning_rate"] for row in board}
     assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    # each trial set its Prometheus gauges at its evaluations, tagged with the run id and Tune's trial name
+    gauges.wait_for([row["trial"] for row in board], "ray_qlora_trial_eval_loss")
+    for row in board:
+        exported = gauges.of(row["trial"])
+        losses, steps = exported.get("ray_qlora_trial_eval_loss"), exported.get("ray_qlora_trial_step", set())
+        assert losses and all(math.isfinite(v) for v in losses), (row["trial"], gauges.seen)
+        assert all(any(v == pytest.approx(x, rel=1e-5) for x in row["curve"]["eval_loss"]) for v in losses)
+        assert steps <= set(row["curve"]["step"]), (steps, row["curve"]["step"])
+        assert all(v > 0 for v in exported.get("ray_qlora_trial_peak_memory_gib", ()))
+
+
+class _TrialGauges(threading.Thread):
+    """The ``ray_qlora_trial_*`` values of one run, scraped from this node's Prometheus exporter every second.
+
+    Scraped while the search runs: a finished trial's worker exits and its series leave the exporter
+    soon after. ``seen[trial name][metric]`` holds every value exported (Ray exports every few seconds).
+    """
+
+    SAMPLE = re.compile(r'^(ray_qlora_trial_\w+)\{(.*)\} (\S+)$')
+
+    def __init__(self, run_id: str, lifetime: float = 900) -> None:
+        import ray
+
+        super().__init__(daemon=True)
+        self.run_id, self.seen = run_id, {}
+        self.url = f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"
+        self.done, self.until = threading.Event(), time.monotonic() + lifetime  # stops on its own if a test fails
+
+    def run(self) -> None:
+        import urllib.request
+
+        while not self.done.is_set() and time.monotonic() < self.until:
+            try:
+                text = urllib.request.urlopen(self.url, timeout=10).read().decode()
+            except OSError:
+                text = ""
+            for m in filter(None, map(self.SAMPLE.match, text.splitlines())):
+                labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
+                if labels.get("run") == self.run_id and labels.get("trial"):
+                    self.seen.setdefault(labels["trial"], {}).setdefault(m.group(1), set()).add(float(m.group(3)))
+            self.done.wait(1)
+
+    def of(self, folder: str) -> dict[str, set[float]]:
+        """What a trial (by its folder: the trial's name, then its params) exported."""
+        names = [t for t in list(self.seen) if folder.startswith(t + "_")]
+        return self.seen[names[0]] if len(names) == 1 else {}
+
+    def wait_for(self, folders: list[str], metric: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(metric in self.of(f) for f in folders) and time.monotonic() < deadline:
+            time.sleep(1)
+        self.done.set()
+        self.join()
 
 
 def _trial_pids() -> list[int]:
