@@ -208,3 +208,21 @@ def test_metrics_count_requests_by_status_beside_vllms_own(served: dict[str, Any
         time.sleep(3)
     raise AssertionError(f"missing request counts or vLLM's metrics: {ours} "
                          f"{[line for line in text.splitlines() if 'vllm' in line][:5]}")
+
+
+def test_replicas_that_cannot_be_placed_are_refused_with_the_numbers(ray_local: None, tiny32_dir: Path) -> None:
+    """Serve would wait forever for a replica no node can hold: refused before deploying, with the numbers."""
+    from ray_qlora.config import ConfigError
+    from ray_qlora.serve.deployment import check_fits
+
+    def cfg(**serve: Any) -> Any:
+        return parse_config({"run": {"output_uri": "s3://b/o"}, "data": {"input_uris": ["x"]},
+                             "model": {"base": str(tiny32_dir)}, "serve": {"auth": "none", **serve}})
+
+    check_fits(cfg(cpus_per_replica=2), engines=2, on_gpu=False)  # 2 x 2 of this cluster's 4 CPUs
+    with pytest.raises(ConfigError, match=r"2 replica\(s\) \(2 engine\(s\) x 1 at the start\) of 3 CPU each"):
+        check_fits(cfg(cpus_per_replica=3), engines=2, on_gpu=False)
+    with pytest.raises(ConfigError, match="1 GPU"):
+        check_fits(cfg(), engines=1, on_gpu=True)
+    with pytest.raises(ConfigError, match=r"3 replica\(s\)"):
+        check_fits(cfg(num_replicas=3, cpus_per_replica=2), engines=1, on_gpu=False)

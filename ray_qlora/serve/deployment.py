@@ -40,7 +40,7 @@ from ray_qlora.serve.api import (
     text_completion_body,
 )
 
-__all__ = ["ChatServer", "api_keys", "build_app", "build_application", "choose_engine", "deploy"]
+__all__ = ["ChatServer", "api_keys", "build_app", "build_application", "check_fits", "choose_engine", "deploy"]
 
 log = logging.getLogger(__name__)
 limits = Limits()  # filled in by the replica from its config
@@ -333,10 +333,38 @@ def build_application(cfg: PipelineConfig, model_uri: str, model_name: str) -> t
     engine, why = choose_engine(cfg, model_config, on_gpu)
     log.info("serve: engine %s (%s)", engine, why)
     if engine == "vllm":
-        from ray_qlora.serve.vllm_engine import build_vllm_app
+        from ray_qlora.serve.vllm_engine import adapters_served, build_vllm_app
 
+        check_fits(cfg, 2 if adapters_served(cfg) else 1, on_gpu)
         return build_vllm_app(cfg, model_uri, model_name, model_config, on_gpu), engine
+    check_fits(cfg, 1, on_gpu)
     return build_app(cfg, model_uri, model_name), engine
+
+
+def check_fits(cfg: PipelineConfig, engines: int, on_gpu: bool) -> None:
+    """A ConfigError with the numbers when the replicas to start cannot be placed (Serve would wait forever).
+
+    ``engines``: models each holding their own replicas (vLLM serves adapters on a second engine).
+    Skipped where the cluster adds nodes on demand (tune.cluster_autoscales).
+    """
+    import ray
+
+    if cfg.tune.cluster_autoscales or not ray.is_initialized():  # nothing to check against yet
+        return
+    s = cfg.serve
+    replicas = engines * (s.autoscaling.min_replicas if s.autoscaling is not None else (s.num_replicas or 1))
+    need = {"CPU": s.cpus_per_replica, "GPU": 1.0 if on_gpu else 0.0}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+    fits_one = any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes)
+    if fits_one and all(total[k] >= v * replicas for k, v in need.items()):
+        return
+    what = f"{s.cpus_per_replica:g} CPU" + (" and 1 GPU" if on_gpu else "")
+    raise ConfigError(
+        f"invalid config: serve: {replicas} replica(s) ({engines} engine(s) x "
+        f"{replicas // engines} at the start) of {what} each do not fit this cluster "
+        f"({total['CPU']:g} CPU, {total['GPU']:g} GPU in {len(nodes)} node(s)); lower serve.cpus_per_replica or "
+        "the replicas, set serve.max_adapters: 0 (no adapters engine), or use a bigger cluster")
 
 
 def deploy(cfg: PipelineConfig, run: storage.RunPaths, run_id: str) -> dict[str, Any]:

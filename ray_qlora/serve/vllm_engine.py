@@ -91,9 +91,11 @@ def _runtime_env(cfg: PipelineConfig) -> dict[str, Any]:
     return {"env_vars": env}
 
 
-def _deployment_config(cfg: PipelineConfig) -> dict[str, Any]:
+def _deployment_config(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
     s = cfg.serve
-    out: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.cpus_per_replica}}
+    # On CPU, Ray Serve LLM would add a 1-CPU bundle for the engine to the replica's own CPU: two CPUs per
+    # replica where one was asked for. The replica actor only relays; the engine gets serve.cpus_per_replica.
+    out: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.cpus_per_replica if on_gpu else 0}}
     if s.autoscaling is not None:
         out["autoscaling_config"] = s.autoscaling.model_dump()
     else:
@@ -124,8 +126,9 @@ def llm_configs(cfg: PipelineConfig, model_uri: str, model_name: str, model_conf
 
     model_context = int(model_config.get("max_position_embeddings") or 2048)
     context = min(cfg.serve.max_context or model_context, model_context)
-    accel = {} if on_gpu else {"accelerator_config": {"kind": "cpu"}}
-    common = {"runtime_env": _runtime_env(cfg), "deployment_config": _deployment_config(cfg), **accel}
+    accel = {} if on_gpu else {"accelerator_config": {"kind": "cpu"},
+                               "placement_group_config": {"bundles": [{"CPU": cfg.serve.cpus_per_replica}]}}
+    common = {"runtime_env": _runtime_env(cfg), "deployment_config": _deployment_config(cfg, on_gpu), **accel}
     out = [LLMConfig(model_loading_config={"model_id": model_name, "model_source": _model_source(cfg, model_uri)},
                      engine_kwargs=_engine_kwargs(cfg, context, on_gpu), **common)]
     if adapters_served(cfg, warn=True):
