@@ -461,7 +461,15 @@ def test_rayservice_builds_the_serve_application(tmp_path: Path, pod_env: Any) -
         (merged / "config.json").write_text(json.dumps({
             "model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "max_position_embeddings": 8192}))
         args["overrides"] = [*args.get("overrides", []), f"run.output_uri={tmp_path / 'out'}"]
-        built = call_user_app_builder_with_args_if_necessary(target, args)  # what Serve does with them
+        import ray
+
+        # Serve calls a builder inside the cluster; Ray Serve LLM's deployment options read its runtime
+        # context (without a Ray it would start one, or join Ray's record of the last cluster here)
+        ray.init(address="local", num_cpus=1, include_dashboard=False)
+        try:
+            built = call_user_app_builder_with_args_if_necessary(target, args)  # what Serve does with them
+        finally:
+            ray.shutdown()
         assert isinstance(built, Application)
 
 
