@@ -219,10 +219,10 @@ def test_replicas_that_cannot_be_placed_are_refused_with_the_numbers(ray_local: 
         return parse_config({"run": {"output_uri": "s3://b/o"}, "data": {"input_uris": ["x"]},
                              "model": {"base": str(tiny32_dir)}, "serve": {"auth": "none", **serve}})
 
-    check_fits(cfg(cpus_per_replica=2), engines=2, on_gpu=False)  # 2 x 2 of this cluster's 4 CPUs
+    check_fits(cfg(cpus_per_replica=2), engines=2)  # 2 x 2 of this cluster's 4 CPUs
     with pytest.raises(ConfigError, match=r"2 replica\(s\) \(2 engine\(s\) x 1 at the start\) of 3 CPU each"):
-        check_fits(cfg(cpus_per_replica=3), engines=2, on_gpu=False)
-    with pytest.raises(ConfigError, match="1 GPU"):
-        check_fits(cfg(), engines=1, on_gpu=True)
+        check_fits(cfg(cpus_per_replica=3), engines=2)
+    with pytest.raises(ConfigError, match="1 CPU and 0.5 GPU each"):  # this cluster has no GPU
+        check_fits(cfg(gpus_per_replica=0.5), engines=1)
     with pytest.raises(ConfigError, match=r"3 replica\(s\)"):
-        check_fits(cfg(num_replicas=3, cpus_per_replica=2), engines=1, on_gpu=False)
+        check_fits(cfg(num_replicas=3, cpus_per_replica=2), engines=1)

@@ -335,13 +335,13 @@ def build_application(cfg: PipelineConfig, model_uri: str, model_name: str) -> t
     if engine == "vllm":
         from ray_qlora.serve.vllm_engine import adapters_served, build_vllm_app
 
-        check_fits(cfg, 2 if adapters_served(cfg) else 1, on_gpu)
+        check_fits(cfg, 2 if adapters_served(cfg) else 1)
         return build_vllm_app(cfg, model_uri, model_name, model_config, on_gpu), engine
-    check_fits(cfg, 1, on_gpu)
+    check_fits(cfg, 1)
     return build_app(cfg, model_uri, model_name), engine
 
 
-def check_fits(cfg: PipelineConfig, engines: int, on_gpu: bool) -> None:
+def check_fits(cfg: PipelineConfig, engines: int) -> None:
     """A ConfigError with the numbers when the replicas to start cannot be placed (Serve would wait forever).
 
     ``engines``: models each holding their own replicas (vLLM serves adapters on a second engine).
@@ -353,13 +353,13 @@ def check_fits(cfg: PipelineConfig, engines: int, on_gpu: bool) -> None:
         return
     s = cfg.serve
     replicas = engines * (s.autoscaling.min_replicas if s.autoscaling is not None else (s.num_replicas or 1))
-    need = {"CPU": s.cpus_per_replica, "GPU": 1.0 if on_gpu else 0.0}
+    need = {"CPU": s.cpus_per_replica, "GPU": float(_deployment_options(cfg)["ray_actor_options"]["num_gpus"])}
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
     fits_one = any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes)
     if fits_one and all(total[k] >= v * replicas for k, v in need.items()):
         return
-    what = f"{s.cpus_per_replica:g} CPU" + (" and 1 GPU" if on_gpu else "")
+    what = f"{s.cpus_per_replica:g} CPU" + (f" and {need['GPU']:g} GPU" if need["GPU"] else "")
     raise ConfigError(
         f"invalid config: serve: {replicas} replica(s) ({engines} engine(s) x "
         f"{replicas // engines} at the start) of {what} each do not fit this cluster "
