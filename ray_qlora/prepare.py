@@ -439,13 +439,22 @@ def _write_train(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.Ru
     else:
         train = train.materialize()
         cols = ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"]
-    rows = train.count()
-    tokens = int(train.sum("num_tokens") or 0) if rows else 0
+    totals = _totals(train)
+    rows, tokens = totals["count()"], totals["sum(num_tokens)"]
     if rows:
         _write(train, cols, run.train, cfg)
-    return {"rows": rows, "tokens": tokens, "label_tokens": int(train.sum("num_label_tokens") or 0) if rows else 0,
+    return {"rows": rows, "tokens": tokens, "label_tokens": totals["sum(num_label_tokens)"],
             "packed": _packing(cfg),
             "efficiency": round(packing_efficiency(tokens, rows, max_len), 4) if _packing(cfg) else None}
+
+
+def _totals(train: "ray.data.Dataset") -> dict[str, int]:
+    """Rows, tokens and label tokens of the train rows, in one pass."""
+    from ray.data.aggregate import Count, Sum
+
+    got = train.select_columns(["num_tokens", "num_label_tokens"]).aggregate(
+        Count(), Sum("num_tokens"), Sum("num_label_tokens"))
+    return {k: int(got.get(k) or 0) for k in ("count()", "sum(num_tokens)", "sum(num_label_tokens)")}
 
 
 def _packing(cfg: PipelineConfig) -> bool:
@@ -500,7 +509,7 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
                 f"({counts['quarantine']} quarantined, {counts['duplicate']} duplicates; see "
                 f"{run.quarantine}); need both: fix the data or change data.eval_fraction")
         _clear_outputs(run, cfg)
-        train = _write_outputs(final, cfg, run)
+        train = _write_outputs(final, cfg, run, counts)
 
     manifest = {**_summaries(stats, cfg), "label_tokens": {"train": train["label_tokens"]}, "train_rows": train,
                 "packing_efficiency": train["efficiency"]}
@@ -547,8 +556,12 @@ def _process(readable: list[sources.InputFile], cfg: PipelineConfig) -> "ray.dat
         concurrency=_actor_pool(cfg), batch_size=None, batch_format="pyarrow").materialize()
 
 
-def _write_outputs(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
-    """Shards, quarantine and duplicates written; returns the train rows' statistics."""
+def _write_outputs(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths,
+                   counts: dict[str, int]) -> dict[str, Any]:
+    """Shards, quarantine and duplicates written; returns the train rows' statistics.
+
+    ``counts`` (from ``_statistics``) skips empty buckets: each write is a pass over the rows.
+    """
     from ray.data.expressions import col
 
     _write(final.filter(expr=col("bucket") == "eval"),
@@ -557,9 +570,8 @@ def _write_outputs(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.
     for bucket, cols, uri in (("quarantine", ["uid", "path", "line", "raw", "reason"], run.quarantine),
                               ("duplicate", ["uid", "path", "line", "raw", "reason", "kept_uid"],
                                _uris(run)["duplicates"])):
-        rows = final.filter(expr=col("bucket") == bucket).materialize()
-        if rows.count():
-            _write(rows, cols, uri, cfg)
+        if counts[bucket]:
+            _write(final.filter(expr=col("bucket") == bucket), cols, uri, cfg)
     return _write_train(final, cfg, run)
 
 

@@ -92,7 +92,9 @@ def row_checks(processed: "ray.data.Dataset") -> dict[str, Any]:
     """Counts of rows failing each per-row check; raises DataError naming checks and example rows."""
     from ray.data.expressions import col
 
-    failing = processed.filter(expr=col("check_failed"))
+    # Projected first: filtering whole rows would copy every token list only to count a few.
+    failing = processed.select_columns(["check_failed", "path", "line", "check_failures"]).filter(
+        expr=col("check_failed"))
     n = failing.count()
     if n:
         sample = failing.select_columns(["path", "line", "check_failures"]).take(10)
