@@ -13,6 +13,7 @@ at under half the steps).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +37,17 @@ def search(root: Path, base: str, run_id: str, grid: dict[str, list[Any]], steps
     result = run_stage(run, "tune")
     board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
     return {"trial_steps": sum(row.get("last_step", 0) for row in board), "best": result["best_eval_loss"],
-            "trials": len(board), "stopped_early": sum(row["status"].startswith("stopped") for row in board)}
+            "trials": len(board), "stopped_early": sum(row["status"].startswith("stopped") for row in board),
+            "board": board}
+
+
+def print_board(name: str, board: list[dict[str, Any]]) -> None:
+    """Each trial's parameters, steps trained, best eval loss and status, in the order they started."""
+    print(f"{name}:")
+    for row in sorted(board, key=lambda r: r.get("started_at") or 0):
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        print(f"  {params:<32} steps {row.get('last_step', 0):>4}  best eval loss {row.get('best_eval_loss', float('nan')):.4f}"
+              f"  {row['status']}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -44,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--smoke", action="store_true", help="a 2-trial grid of a few steps")
+    p.add_argument("--out", help="write both leaderboards (with their loss curves) to this JSON file")
     args = p.parse_args(argv)
 
     import ray
@@ -58,6 +70,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             asha = search(Path(tmp), args.base, "asha", grid, steps, asha=True)
         finally:
             ray.shutdown()
+    print_board("grid", full["board"])
+    print_board("ASHA", asha["board"])
+    if args.out:
+        Path(args.out).write_text(json.dumps({"grid": full["board"], "asha": asha["board"]}, indent=1, default=str))
     steps_ratio = asha["trial_steps"] / full["trial_steps"]
     gap = asha["best"] / full["best"] - 1
     print(f"grid: {full['trials']} trials, {full['trial_steps']} trial-steps, best eval loss {full['best']:.4f}")
