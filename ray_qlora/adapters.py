@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,22 @@ def list_adapters(cfg: PipelineConfig) -> list[dict[str, Any]]:
         if versions:
             rows.append({**_read_meta(cfg, info.base_name, versions[-1]), "versions": len(versions)})
     return rows
+
+
+class NameCache:
+    """The registry's adapter names for a server's model list, listed at most every ``ttl`` seconds:
+    the registry is object storage, and a listing costs a request per adapter."""
+
+    def __init__(self, ttl_s: float = 10.0) -> None:
+        self.ttl_s, self._at, self._names = ttl_s, 0.0, []
+
+    async def names(self, cfg: PipelineConfig) -> list[str]:
+        import asyncio
+
+        if time.time() - self._at > self.ttl_s:
+            rows = await asyncio.to_thread(list_adapters, cfg)
+            self._names, self._at = [r["name"] for r in rows], time.time()
+        return self._names
 
 
 def delete(cfg: PipelineConfig, name: str, version: str | None = None) -> list[str]:

@@ -43,15 +43,19 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide Llama with random weights, saved like any HF checkpoint."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-model"), tokenizer_dir)
+
+
+def save_tiny_llama(out: Path, tokenizer_dir: Path, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A 2-layer, 64-wide Llama (head size 64 / heads) with random weights and the shared tokenizer."""
     import shutil
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-model")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(out)
     for f in tokenizer_dir.iterdir():

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
+from conftest import save_tiny_llama
 from ray_qlora import storage
 from ray_qlora.config import parse_config
 from ray_qlora.local_s3 import free_port
@@ -33,18 +33,7 @@ PROMPT = [{"role": "user", "content": "Give 5 mg PO daily"}]
 @pytest.fixture(scope="module")
 def tiny32_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama whose heads are 32 wide (the shared tiny model's 16 are below vLLM's CPU minimum)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny32")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny32"), tokenizer_dir, heads=2, kv_heads=1)
 
 
 def _adapter(model_dir: Path, out: Path) -> Path:

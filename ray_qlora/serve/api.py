@@ -297,6 +297,39 @@ class Limits:
     on_response: Callable[[str, int, float], None] | None = None
 
 
+class _BodyTooLarge(Exception):
+    def __init__(self, size: int, more: bool) -> None:
+        self.size, self.more = size, more
+
+
+async def read_body(receive: Callable, max_bytes: int | None = None) -> bytes:
+    """An ASGI request's whole body; past ``max_bytes`` it stops reading and raises _BodyTooLarge."""
+    body, more = b"", True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if max_bytes is not None and len(body) > max_bytes:
+            raise _BodyTooLarge(len(body), more)
+    return body
+
+
+def replaying(body: bytes, receive: Callable) -> Callable:
+    """An ASGI receive that gives ``body`` (already read) once, then whatever ``receive`` gives (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class _LimitsMiddleware:
     """ASGI middleware: the API key, then the body size (counted as it arrives).
 
@@ -342,25 +375,11 @@ class _LimitsMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(int(declared)).response()(scope, receive, send)
-        body, more = b"", True
-        while more:  # read it all (bounded), then hand it on
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                return await self._too_large(len(body), at_least=more).response()(scope, receive, send)
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        try:  # read it all (bounded), then hand it on
+            body = await read_body(receive, self.max_body_bytes)
+        except _BodyTooLarge as big:
+            return await self._too_large(big.size, at_least=big.more).response()(scope, receive, send)
+        await self.app(scope, replaying(body, receive), send)
 
     def _too_large(self, size: int, at_least: bool = False) -> APIError:
         return APIError(400, f"request body is {'over ' if at_least else ''}{size} bytes, above this server's "

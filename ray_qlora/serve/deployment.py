@@ -24,6 +24,7 @@ from ray.serve.exceptions import RayServeException
 
 from ray_qlora import storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
+from ray_qlora.adapters import NameCache
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
 from ray_qlora.serve.api import (
     APIError,
@@ -141,7 +142,7 @@ class ChatServer:
 
             # Serve's multiplexing: an LRU of loaded adapters per replica (evicted ones are unloaded)
             self._adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_adapters)(load)
-        self._listed: tuple[float, list[str]] = (0.0, [])
+        self._names = NameCache()
 
     # -- probes ------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -168,16 +169,7 @@ class ChatServer:
         return models_body(self.model_name, self.created, await self._registry_names())
 
     async def _registry_names(self) -> list[str]:
-        if self.adapters is None:
-            return []
-        when, names = self._listed
-        if time.time() - when > 10:  # the registry is object storage: list it at most every 10 s
-            from ray_qlora.adapters import list_adapters
-
-            rows = await asyncio.to_thread(list_adapters, self.cfg)
-            names = [r["name"] for r in rows]
-            self._listed = (time.time(), names)
-        return names
+        return await self._names.names(self.cfg) if self.adapters is not None else []
 
     def adapter_memory(self) -> dict[str, Any]:
         """Bytes of the shared base and of each loaded adapter (for tests and benchmarks, via a handle)."""

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from ray_qlora import adapters, storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
-from ray_qlora.serve.api import APIError, Limits, _LimitsMiddleware, models_body
+from ray_qlora.serve.api import APIError, Limits, _LimitsMiddleware, models_body, read_body, replaying
 
 __all__ = ["build_vllm_app", "cpu_head_sizes", "engine_problem", "llm_configs"]
 
@@ -173,7 +173,7 @@ class _State:
     base_sha256: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     versions: dict[str, tuple[float, int, str | None]] = field(default_factory=dict)  # name -> (when, vN, template)
-    listed: tuple[float, list[str]] = (0.0, [])
+    adapter_names: adapters.NameCache = field(default_factory=adapters.NameCache)
 
 
 _STATE = _State()
@@ -277,7 +277,7 @@ class _RegistryMiddleware:
     async def _generate(self, scope: dict, receive: Callable, send: Callable, st: _State) -> None:
         import asyncio
 
-        raw = await _read_body(receive)
+        raw = await read_body(receive)  # already bounded by the limits middleware in front
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
@@ -288,15 +288,7 @@ class _RegistryMiddleware:
         data = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
         scope = {**scope, "headers": headers + [(b"content-length", str(len(data)).encode())]}
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            return await receive()
-
+        replay = replaying(data, receive)
         if internal is None:
             return await self.app(scope, replay, send)
         # answers name the engine's id ('<base>:<adapter>/vN'); clients see the name they asked for
@@ -343,17 +335,6 @@ def _public(internal: str) -> str:
     return f"{adapter}@{version}"
 
 
-async def _read_body(receive: Callable) -> bytes:
-    body, more = b"", True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
-    return body
-
-
 async def _json(send: Callable, status: int, content: dict[str, Any]) -> None:
     data = json.dumps(content).encode()
     await send({"type": "http.response.start", "status": status,
@@ -362,16 +343,9 @@ async def _json(send: Callable, status: int, content: dict[str, Any]) -> None:
 
 
 async def _registry_names(st: _State) -> list[str]:
-    import asyncio
-
     if st.cfg is None or not adapters_served(st.cfg):
         return []
-    when, names = st.listed
-    if time.time() - when > 10:  # the registry is object storage: list it at most every 10 s
-        rows = await asyncio.to_thread(adapters.list_adapters, st.cfg)
-        names = [r["name"] for r in rows]
-        st.listed = (time.time(), names)
-    return names
+    return await st.adapter_names.names(st.cfg)
 
 
 def _ingress_class() -> Any:
