@@ -272,7 +272,7 @@ def list_adapters(cfg: PipelineConfig) -> list[dict[str, Any]]:
 
 
 class NameCache:
-    """The registry's adapter names for a server's model list, listed at most every ``ttl`` seconds:
+    """The registry's adapter names for a server's model list, listed at most every ``ttl_s`` seconds:
     the registry is object storage, and a listing costs a request per adapter."""
 
     def __init__(self, ttl_s: float = 10.0) -> None:

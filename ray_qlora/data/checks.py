@@ -97,7 +97,7 @@ def row_checks(processed: "ray.data.Dataset") -> dict[str, Any]:
         expr=col("check_failed"))
     n = failing.count()
     if n:
-        sample = failing.select_columns(["path", "line", "check_failures"]).take(10)
+        sample = failing.take(10)
         names = sorted({c for r in sample for c in r["check_failures"]})
         where = ", ".join(f"{r['path']} line {r['line']}" for r in sample[:5])
         why = "; ".join(f"{c}: {ROW_CHECKS[c]}" for c in names)

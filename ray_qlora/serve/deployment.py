@@ -23,8 +23,8 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from ray_qlora import storage
-from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.adapters import NameCache
+from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
 from ray_qlora.serve.api import (
     APIError,
