@@ -503,13 +503,14 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
         status = final.filter(expr=col("bucket") == "file").select_columns(["path", "line", "reason"]).take_all()
         stats = _statistics(final.filter(expr=col("bucket") != "file"))
         entries, counts = _reconcile(files, status, stats)
+        _clear_outputs(run, cfg)
+        _write_rejects(final, cfg, run, counts)  # first: a refusal below points the user at them
         if not counts["train"] or not counts["eval"]:
             raise DataError(
                 f"prepare: {counts['train']} train / {counts['eval']} eval examples from {counts['read']} rows "
                 f"({counts['quarantine']} quarantined, {counts['duplicate']} duplicates; see "
                 f"{run.quarantine}); need both: fix the data or change data.eval_fraction")
-        _clear_outputs(run, cfg)
-        train = _write_outputs(final, cfg, run, counts)
+        train = _write_examples(final, cfg, run)
 
     manifest = {**_summaries(stats, cfg), "label_tokens": {"train": train["label_tokens"]}, "train_rows": train,
                 "packing_efficiency": train["efficiency"]}
@@ -556,22 +557,26 @@ def _process(readable: list[sources.InputFile], cfg: PipelineConfig) -> "ray.dat
         concurrency=_actor_pool(cfg), batch_size=None, batch_format="pyarrow").materialize()
 
 
-def _write_outputs(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths,
-                   counts: dict[str, int]) -> dict[str, Any]:
-    """Shards, quarantine and duplicates written; returns the train rows' statistics.
-
-    ``counts`` (from ``_statistics``) skips empty buckets: each write is a pass over the rows.
-    """
+def _write_rejects(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths,
+                   counts: dict[str, int]) -> None:
+    """Quarantine and duplicates written, each with its reason; ``counts`` (from ``_statistics``)
+    skips empty buckets, as each write is a pass over the rows."""
     from ray.data.expressions import col
 
-    _write(final.filter(expr=col("bucket") == "eval"),
-           ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"],
-           run.eval, cfg)
     for bucket, cols, uri in (("quarantine", ["uid", "path", "line", "raw", "reason"], run.quarantine),
                               ("duplicate", ["uid", "path", "line", "raw", "reason", "kept_uid"],
                                _uris(run)["duplicates"])):
         if counts[bucket]:
             _write(final.filter(expr=col("bucket") == bucket), cols, uri, cfg)
+
+
+def _write_examples(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
+    """Eval and train shards written; returns the train rows' statistics."""
+    from ray.data.expressions import col
+
+    _write(final.filter(expr=col("bucket") == "eval"),
+           ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"],
+           run.eval, cfg)
     return _write_train(final, cfg, run)
 
 

@@ -272,6 +272,9 @@ def test_cli_prints_a_clean_error_when_nothing_is_usable(tmp_path: Path, tiny_mo
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "error: prepare: 0 train / 0 eval examples from 3 rows (3 quarantined" in proc.stderr
+    # nothing lost: the quarantine the message points at holds every row with its reason
+    rejected = pq.read_table(RunPaths.for_run(str(tmp_path / "out"), "r").quarantine).to_pylist()
+    assert sorted(r["line"] for r in rejected) == [1, 2, 3] and all(r["reason"] for r in rejected)
 
 
 def test_prepare_again_into_the_same_run_replaces_its_shards(tmp_path: Path, tiny_model_dir: Path,
