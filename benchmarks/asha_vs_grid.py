@@ -1,10 +1,12 @@
-"""ASHA vs the full grid on one search space: trial-steps spent and the best eval loss found.
+"""ASHA and synchronous halving vs the full grid on one search space: trial-steps spent, best eval loss.
 
-The same learning-rate x LoRA-rank grid runs twice on the sample data: every
-trial to the end, then with ASHA stopping the weak ones at its rungs. Prints
-the steps each spent (sum over trials of the last step trained), the best
-eval loss each found, and the ratios (target: within 2% of the grid's best
-at under half the steps).
+The same learning-rate x LoRA-rank grid runs three times on the sample data:
+every trial to the end; with ASHA (asynchronous) stopping the weak ones at its
+rungs; and with synchronous successive halving (``tune.asha.synchronous``),
+which judges every trial at each rung before any goes on. Prints the steps
+each spent (sum over trials of the last step trained), the best eval loss each
+found, the wall time, and the ratios (target: within 2% of the grid's best at
+under half the steps).
 
     python benchmarks/asha_vs_grid.py                          # SmolLM2-135M, 8 trials of 40 steps
     python benchmarks/asha_vs_grid.py --base DIR --smoke       # what the tests run
@@ -25,7 +27,10 @@ GRID = {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2], "lora_r": [4, 16]}
 SMOKE_GRID = {"learning_rate": [1e-3, 1e-2], "lora_r": [4]}
 
 
-def search(root: Path, base: str, run_id: str, grid: dict[str, list[Any]], steps: int, asha: bool) -> dict[str, Any]:
+def search(root: Path, base: str, run_id: str, grid: dict[str, list[Any]], steps: int, asha: bool,
+           synchronous: bool = False) -> dict[str, Any]:
+    import time
+
     from _runs import prepared_run
     from ray_qlora import storage
     from ray_qlora.pipeline import run_stage
@@ -33,12 +38,15 @@ def search(root: Path, base: str, run_id: str, grid: dict[str, list[Any]], steps
     run = prepared_run(root, base, run_id, training={"max_steps": steps, "eval_steps": max(1, steps // 8),
                                                      "gradient_checkpointing": False},
                        tune={"search_space": {k: {"values": v} for k, v in grid.items()},
-                             "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 3}})
+                             "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 3,
+                                      "synchronous": synchronous}})
+    started = time.monotonic()
     result = run_stage(run, "tune")
+    wall = time.monotonic() - started
     board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
     return {"trial_steps": sum(row.get("last_step", 0) for row in board), "best": result["best_eval_loss"],
             "trials": len(board), "stopped_early": sum(row["status"].startswith("stopped") for row in board),
-            "board": board}
+            "wall_s": wall, "board": board}
 
 
 def print_board(name: str, board: list[dict[str, Any]]) -> None:
@@ -68,20 +76,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             full = search(Path(tmp), args.base, "grid", grid, steps, asha=False)
             asha = search(Path(tmp), args.base, "asha", grid, steps, asha=True)
+            sha = search(Path(tmp), args.base, "sha", grid, steps, asha=True, synchronous=True)
         finally:
             ray.shutdown()
-    print_board("grid", full["board"])
-    print_board("ASHA", asha["board"])
+    runs = {"grid": full, "ASHA": asha, "SHA": sha}
+    for name, res in runs.items():
+        print_board(name, res["board"])
     if args.out:
-        Path(args.out).write_text(json.dumps({"grid": full["board"], "asha": asha["board"]}, indent=1, default=str))
-    steps_ratio = asha["trial_steps"] / full["trial_steps"]
-    gap = asha["best"] / full["best"] - 1
-    print(f"grid: {full['trials']} trials, {full['trial_steps']} trial-steps, best eval loss {full['best']:.4f}")
-    print(f"ASHA: {asha['trials']} trials ({asha['stopped_early']} stopped early), {asha['trial_steps']} trial-steps, "
-          f"best eval loss {asha['best']:.4f}")
-    print(f"ASHA / grid: steps {steps_ratio:.2f}x, best loss {gap:+.1%}  (target: steps < 0.5x, loss within 2%)")
-    return {"grid": full, "asha": asha, "steps_ratio": steps_ratio, "best_gap": gap}
-
+        Path(args.out).write_text(json.dumps({k: v["board"] for k, v in runs.items()}, indent=1, default=str))
+    for name, res in runs.items():
+        stopped = f" ({res['stopped_early']} stopped early)" if res["stopped_early"] else ""
+        print(f"{name}: {res['trials']} trials{stopped}, {res['trial_steps']} trial-steps, best eval loss "
+              f"{res['best']:.4f}, {res['wall_s']:.0f} s")
+    out: dict[str, Any] = {"grid": full, "asha": asha, "sha": sha}
+    for name, res in (("ASHA", asha), ("SHA", sha)):
+        steps_ratio, gap = res["trial_steps"] / full["trial_steps"], res["best"] / full["best"] - 1
+        print(f"{name} / grid: steps {steps_ratio:.2f}x, best loss {gap:+.1%}, wall {res['wall_s'] / full['wall_s']:.2f}x"
+              "  (target: steps < 0.5x, loss within 2%)")
+        out[name.lower() + "_ratios"] = {"steps": steps_ratio, "best_gap": gap}
+    out["steps_ratio"], out["best_gap"] = out["asha_ratios"]["steps"], out["asha_ratios"]["best_gap"]
+    return out
 
 if __name__ == "__main__":
     main()

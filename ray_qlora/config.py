@@ -266,6 +266,10 @@ class AshaConfig(_Strict):
     grace_period: int = Field(1, ge=1, description="Reports before a trial may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="At each rung only the best 1/N of trials go on; higher "
                                                        "stops more trials, sooner.")
+    synchronous: bool = Field(
+        False, description="Judge every trial at each rung before any goes on (synchronous successive halving): "
+                           "trials wait, paused, for the others; fewer steps than ASHA when trials outnumber the "
+                           "slots. Grid and random sampling only.")
 
 
 class MlflowConfig(_Strict):
@@ -320,6 +324,9 @@ class TuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _searcher_fits_space(self) -> "TuneConfig":
+        if self.search_algorithm == "optuna" and self.asha.enabled and self.asha.synchronous:
+            raise ValueError("asha.synchronous needs every trial of the search known up front; Optuna proposes "
+                             "them as results come in: use search_algorithm: random, or asha.synchronous: false")
         if self.search_algorithm == "optuna":
             grid = sorted(k for k, d in self.search_space.items() if d.values is not None)
             if grid:

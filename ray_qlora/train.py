@@ -302,7 +302,7 @@ def _tune_report_callback(device: str, resumed_from: int, run_id: str = "") -> "
                     "train_loss": self.last.get("loss"), "step": state.global_step, "epoch": state.epoch,
                     "tokens_per_s": None if tokens is None else tokens / elapsed,
                     "peak_memory_gib": round(_peak_memory_gib(device), 3), "resumed_from_step": resumed_from,
-                    "node_id": self.node_id, "started_at": self.started_at}
+                    "node_id": self.node_id, "started_at": self.started_at, "reported_at": time.time()}
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):  # noqa: ANN001
             if state.global_step == self.reported_step or not metrics:

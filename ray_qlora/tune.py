@@ -73,10 +73,37 @@ def _largest_values(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.with_overrides(worst) if worst else cfg
 
 
+def _keep_rows_on_restart() -> Any:
+    """A Tune callback that uploads a restarting trial's result files before Tune's loggers fetch them.
+
+    Tune's JSON and CSV loggers reopen a trial that restarts from a checkpoint (paused at a rung, or
+    retried after its worker died) by downloading its files from storage, which the driver syncs
+    only every few minutes: the rows reported since the last sync were overwritten, and the trial's
+    curve (and best loss) lost them. User callbacks run before Tune's default loggers.
+    """
+    from pathlib import Path
+
+    import pyarrow.fs
+    from ray.tune import Callback
+
+    class KeepRowsOnRestart(Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if not trial.checkpoint:
+                return  # a fresh start: the loggers download nothing
+            for name in ("result.json", "progress.csv"):
+                local = Path(trial.local_path, name)
+                if local.exists():
+                    pyarrow.fs.copy_files(str(local), f"{trial.storage.trial_fs_path}/{name}",
+                                          destination_filesystem=trial.storage.storage_filesystem)
+
+    return KeepRowsOnRestart()
+
+
 def _callbacks(cfg: PipelineConfig, run: storage.RunPaths) -> list[Any]:
-    """Experiment tracking: Ray's MLflow logger (one MLflow run per trial) when tune.mlflow.enabled."""
+    """Result files kept across trial restarts, and experiment tracking: Ray's MLflow logger (one MLflow
+    run per trial) when tune.mlflow.enabled."""
     if not cfg.tune.mlflow.enabled:
-        return []
+        return [_keep_rows_on_restart()]
     import os
 
     try:
@@ -87,7 +114,7 @@ def _callbacks(cfg: PipelineConfig, run: storage.RunPaths) -> list[Any]:
     uri = (cfg.tune.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
            or f"sqlite:///{os.path.abspath('mlflow.db')}")
     log.info("tune: logging trials to MLflow at %s, experiment %r", uri, cfg.tune.mlflow.experiment)
-    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.tune.mlflow.experiment,
+    return [_keep_rows_on_restart(), MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.tune.mlflow.experiment,
                                  tags={"ray_qlora.run": run.root})]
 
 
@@ -158,11 +185,24 @@ def trial_resources(cfg: PipelineConfig) -> dict[str, float]:
     return {"cpu": cfg.tune.cpus_per_trial, "gpu": float(gpus)}
 
 
-def _asha(cfg: PipelineConfig) -> Any:
-    """ASHA that remembers which trials it stopped, so the leaderboard states its decision, not a guess."""
+def _scheduler(cfg: PipelineConfig) -> tuple[Any, Any]:
+    """(scheduler, search algorithm): ASHA by default, synchronous halving on request, or neither."""
+    a = cfg.tune.asha
+    if not a.enabled:
+        return None, _searcher(cfg)
+    if a.synchronous:
+        from ray_qlora.halving import CohortGenerator, SyncHalving
+
+        cohort = CohortGenerator(cfg.tune.max_concurrent_trials, set())
+        return SyncHalving(grace_period=a.grace_period, reduction_factor=a.reduction_factor, cohort=cohort,
+                           max_t=_reports_per_trial(cfg)), cohort
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class RecordingASHA(ASHAScheduler):
+        """ASHA that remembers which trials it stopped, so the leaderboard states its decision, not a guess."""
+
+        label = "ASHA"
+
         def __init__(self, **kw: Any) -> None:
             super().__init__(**kw)
             self.stopped: set[str] = set()
@@ -173,16 +213,25 @@ def _asha(cfg: PipelineConfig) -> Any:
                 self.stopped.add(trial.trial_id)
             return decision
 
-    a = cfg.tune.asha
     return RecordingASHA(time_attr="training_iteration", grace_period=a.grace_period,
-                         reduction_factor=a.reduction_factor, max_t=10_000)
+                         reduction_factor=a.reduction_factor, max_t=10_000), _searcher(cfg)
 
 
-def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] | None) -> list[dict[str, Any]]:
+def _reports_per_trial(cfg: PipelineConfig) -> int | None:
+    """Evaluations (Tune reports) in a whole trial when max_steps fixes it; None when epochs decide."""
+    t = cfg.training
+    searched = {tunable_path(k) for k in cfg.tune.search_space}
+    if t.max_steps <= 0 or searched & {("training", "max_steps"), ("training", "eval_steps")}:
+        return None
+    return -(-t.max_steps // t.eval_steps)
+
+
+def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] | None,
+                 by: str = "ASHA") -> list[dict[str, Any]]:
     """One row per trial, best first by tune.metric; failed trials keep their parameters and error.
 
-    ``stopped``: trial ids ASHA stopped; None after a --resume (its scheduler is new), when a trial
-    with fewer reports than the longest is taken as stopped.
+    ``stopped``: trial ids the scheduler (``by``) stopped; None after a --resume (its scheduler is
+    new), when a trial with fewer reports than the longest is taken as stopped.
     """
     metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "min" else -1)
     most_reports = _max_reports(results)
@@ -198,7 +247,7 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] |
         best = df.loc[(df[metric] * sign).idxmin()]
         last = df.iloc[-1]
         early = r.metrics.get("trial_id") in stopped if stopped is not None else len(df) < most_reports
-        status = "error" if r.error else "stopped early by ASHA" if early else "completed"
+        status = "error" if r.error else f"stopped early by {by}" if early else "completed"
         rows.append({
             "trial": trial, "status": status, "params": params,
             metric: float(best[metric]), "best_eval_loss": float(best["eval_loss"]),
@@ -303,7 +352,7 @@ def tune(cfg: PipelineConfig, run: storage.RunPaths, resume: bool = False) -> di
 
     resources = trial_resources(cfg)
     planned = preflight(cfg, resources)
-    scheduler = _asha(cfg) if cfg.tune.asha.enabled else None
+    scheduler, search_alg = _scheduler(cfg)
     fs, root_path = storage.resolve(run.root, cfg.storage)
     # The config reaches trials through the object store, not the search space: the space holds only
     # what is sampled, so searchers and the leaderboard see the real parameters.
@@ -321,8 +370,10 @@ def tune(cfg: PipelineConfig, run: storage.RunPaths, resume: bool = False) -> di
             trainable,
             param_space=search_space(cfg),
             tune_config=rt.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
-                                      search_alg=_searcher(cfg), num_samples=cfg.tune.num_samples,
-                                      max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                                      search_alg=search_alg, num_samples=cfg.tune.num_samples,
+                                      # the cohort generator caps itself (paused trials aside)
+                                      max_concurrent_trials=None if cfg.tune.asha.synchronous and scheduler
+                                      else cfg.tune.max_concurrent_trials,
                                       time_budget_s=cfg.tune.time_budget_s),
             run_config=rt.RunConfig(name="trials", storage_path=root_path, storage_filesystem=fs,
                                     failure_config=rt.FailureConfig(max_failures=cfg.tune.max_failures),
@@ -334,7 +385,8 @@ def tune(cfg: PipelineConfig, run: storage.RunPaths, resume: bool = False) -> di
         )
     log.info("tune: trials with %s each", resources)
     results = tuner.fit()
-    board = _leaderboard(results, cfg, None if resume else getattr(scheduler, "stopped", set()))
+    board = _leaderboard(results, cfg, None if resume else getattr(scheduler, "stopped", set()),
+                         by=getattr(scheduler, "label", "ASHA"))
     _write_leaderboard(board, run, cfg)
     print(format_leaderboard(board, cfg.tune.metric), flush=True)
     if not any(cfg.tune.metric in row for row in board):

@@ -59,7 +59,10 @@ def test_asha_vs_grid_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN0
     out = _load("asha_vs_grid").main(["--base", str(tiny_model_dir), "--smoke"])
     assert out["grid"]["trials"] == out["asha"]["trials"] == 2
     assert out["asha"]["trial_steps"] <= out["grid"]["trial_steps"] == 2 * 8  # ASHA never trains more
-    assert "ASHA / grid" in capsys.readouterr().out
+    # Synchronous halving keeps ceil(2/3) = 1 of the 2 at the first rung (report 1, step 1).
+    assert out["sha"]["stopped_early"] == 1 and out["sha"]["trial_steps"] == 1 + 8
+    printed = capsys.readouterr().out
+    assert "ASHA / grid" in printed and "SHA / grid" in printed
 
 
 def test_eval_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001

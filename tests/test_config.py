@@ -112,6 +112,14 @@ def test_optuna_refuses_a_grid_with_the_key_named() -> None:
         parse_config(_with(tune={"search_space": {"learning_rate": {"values": [1e-4]}}, "search_algorithm": "optuna"}))
 
 
+def test_synchronous_halving_refuses_optuna_with_the_key_named() -> None:
+    with pytest.raises(ConfigError, match=r"tune: asha.synchronous needs every trial of the search known up front"):
+        parse_config(_with(tune={"search_space": {"learning_rate": {"choice": [1e-4, 1e-3]}},
+                                 "search_algorithm": "optuna", "asha": {"synchronous": True}}))
+    cfg = parse_config(_with(tune={"asha": {"synchronous": True}}))  # grid and random sampling are fine
+    assert cfg.tune.asha.synchronous and cfg.tune.asha.enabled
+
+
 def test_any_training_or_lora_key_is_searchable_and_its_values_are_checked() -> None:
     cfg = parse_config(_with(tune={"search_space": {"lora.target_modules": {"choice": ["q_proj,v_proj", "all-linear"]},
                                                     "training.warmup_ratio": {"uniform": [0.0, 0.2]},

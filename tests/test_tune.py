@@ -98,6 +98,49 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
     assert logged.data.metrics["eval_loss"] == pytest.approx(ok["curve"]["eval_loss"][-1])
 
 
+def test_synchronous_halving_judges_every_trial_at_each_rung(root: Path, tiny_model_dir: Path) -> None:
+    # 4 trials of 4 reports, rungs at reports 1 and 2 (steps 2 and 4), keep the best half at each.
+    lrs = [1e-4, 1e-3, 1e-2, 5e-2]
+    run = _prepared_run(root, tiny_model_dir, "sha", training={"max_steps": 8, "eval_steps": 2}, tune={
+        "search_space": {"learning_rate": {"values": lrs}}, "max_concurrent_trials": 2,
+        "asha": {"enabled": True, "synchronous": True, "grace_period": 1, "reduction_factor": 2}})
+    result = run_stage(run, "tune")
+    board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
+    loss = {row["params"]["learning_rate"]: dict(zip(row["curve"]["step"], row["curve"]["eval_loss"]))
+            for row in board}
+    last = {row["params"]["learning_rate"]: row["last_step"] for row in board}
+    assert sorted(last.values()) == [2, 2, 4, 8]
+    # Judged against the whole cohort: the two stopped at step 2 had the two worst losses there.
+    at_2 = sorted(lrs, key=lambda lr: loss[lr][2])
+    assert {last[lr] for lr in at_2[2:]} == {2} and {last[lr] for lr in at_2[:2]} == {4, 8}
+    at_4 = sorted(at_2[:2], key=lambda lr: loss[lr][4])
+    assert last[at_4[0]] == 8 and last[at_4[1]] == 4
+    status = {row["params"]["learning_rate"]: row["status"] for row in board}
+    assert status[at_4[0]] == "completed"
+    assert {status[lr] for lr in lrs if lr != at_4[0]} == {"stopped early by SHA"}
+    # A trial that waited at a rung resumed from its checkpoint there: no step trained twice.
+    resumed = [row for row in board if row["resumed_from_step"] > 0]
+    assert resumed and all(row["curve"]["step"] == list(range(2, row["last_step"] + 1, 2)) for row in resumed)
+    assert {row["resumed_from_step"] for row in resumed} <= {2, 4}
+    # Paused trials hold no slot, and never more than max_concurrent_trials train at once.
+    spans = _training_spans(Path(run.paths.root, "trials"))
+    assert len(spans) >= 4 + len(resumed)
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
+
+
+def _training_spans(trials: Path) -> list[tuple[float, float]]:
+    """(start, last report) of every worker process that trained a trial, from the trials' own reports."""
+    import json
+
+    spans: dict[tuple[str, float], float] = {}
+    for result in trials.glob("*/result.json"):
+        for line in result.read_text().splitlines():
+            r = json.loads(line)
+            key = (result.parent.name, r["started_at"])
+            spans[key] = max(spans.get(key, 0.0), r["reported_at"])
+    return [(start, end) for (_, start), end in spans.items()]
+
+
 def test_optuna_searches_the_space(root: Path, tiny_model_dir: Path) -> None:
     run = _prepared_run(root, tiny_model_dir, "optuna", tune={
         "search_space": {"learning_rate": {"loguniform": [1e-4, 1e-2]}, "lora_r": {"choice": [2, 4]}},
@@ -197,6 +240,7 @@ def test_killed_trial_resumes_from_its_checkpoint(root: Path, tiny_model_dir: Pa
     (row,) = storage.read_json(outcome["result"]["leaderboard_uri"], run.cfg.storage)
     assert row["status"] == "completed" and row["last_step"] == 60
     assert row["resumed_from_step"] >= 10, "the retried trial must start from its checkpoint, not from step 0"
+    assert row["curve"]["step"] == list(range(10, 61, 10)), "every report before the kill is on its curve"
 
 
 def test_resume_without_an_interrupted_search_says_so(root: Path, tiny_model_dir: Path) -> None:
@@ -225,17 +269,21 @@ def _state_has_checkpoint(trials: Path) -> bool:
     return any("checkpoint_0000" in f.read_text(errors="replace") for f in trials.glob("experiment_state-*.json"))
 
 
-def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("synchronous", [False, True], ids=["fifo", "sync-halving"])
+def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_model_dir: Path,
+                                                              synchronous: bool) -> None:
     import subprocess
     import sys
 
     import yaml
 
-    run = _prepared_run(root, tiny_model_dir, "resumed", training={"max_steps": 100, "eval_steps": 10, "eval_max_examples": 8},
-                        tune={"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}}})
-    cfg_file = root / "resumed.yaml"
+    run_id = "resumed-sync" if synchronous else "resumed"
+    run = _prepared_run(root, tiny_model_dir, run_id, training={"max_steps": 100, "eval_steps": 10, "eval_max_examples": 8},
+                        tune={"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}},
+                              "asha": {"enabled": synchronous, "synchronous": synchronous}})
+    cfg_file = root / f"{run_id}.yaml"
     cfg_file.write_text(yaml.safe_dump(run.cfg.model_dump(mode="json")))
-    cli = [sys.executable, "-m", "ray_qlora.cli", "tune", str(cfg_file), "--run-id", "resumed"]
+    cli = [sys.executable, "-m", "ray_qlora.cli", "tune", str(cfg_file), "--run-id", run_id]
     trials = Path(run.paths.root, "trials")
     first = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -251,5 +299,8 @@ def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_
     assert done.returncode == 0, done.stderr[-3000:]
     board = storage.read_json(str(Path(run.paths.root, "tune", "leaderboard.json")), run.cfg.storage)
     assert sorted(row["trial"] for row in board) == started, "the same trials, not new ones"
-    assert all(row["status"] == "completed" and row["last_step"] == 100 for row in board)
+    if synchronous:  # halving may have stopped one at its first rung before the kill; the rest run on
+        assert any(row["status"] == "completed" and row["last_step"] == 100 for row in board)
+    else:
+        assert all(row["status"] == "completed" and row["last_step"] == 100 for row in board)
     assert max(row["resumed_from_step"] for row in board) >= 10, "restored trials continue from their checkpoints"
