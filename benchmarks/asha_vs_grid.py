@@ -97,5 +97,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["steps_ratio"], out["best_gap"] = out["asha_ratios"]["steps"], out["asha_ratios"]["best_gap"]
     return out
 
+
 if __name__ == "__main__":
     main()
