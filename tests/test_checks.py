@@ -71,7 +71,7 @@ def test_missing_chat_template_names_the_key(tmp_path: Path, tokenizer_dir: Path
     cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": ["x"]}})
     with pytest.raises(DataError, match="data.chat_template"):
         tokenizer_checks(bare, cfg)
-    named = tokenizer_checks(bare, cfg.with_overrides({"data.chat_template": "chatml"}))()
+    named = tokenizer_checks(bare, cfg.with_overrides({"data.chat_template": "chatml"}))[1]()
     assert named["chat_template"]["source"] == "data.chat_template"
     assert named["end_of_turn_token"] == "<|im_end|>"
     with pytest.raises(DataError, match="lacks"):

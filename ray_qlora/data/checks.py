@@ -56,12 +56,13 @@ def collator_keeps_eot_label(tok: "PreTrainedTokenizerBase", eot: int,
     return int(batch["labels"][0, 1]) == eot
 
 
-def tokenizer_checks(base: Path, cfg: PipelineConfig) -> Callable[[], dict[str, Any]]:
+def tokenizer_checks(base: Path, cfg: PipelineConfig) -> tuple["PreTrainedTokenizerBase", Callable[[], dict[str, Any]]]:
     """Checks on the tokenizer alone; raises DataError naming the failed one.
 
-    The template checks run now. The collator check needs TRL, whose import
-    takes seconds, so it runs in a thread while Ray processes the rows; the
-    returned function waits for it and gives every result (or raises).
+    Returns the checked tokenizer (the row actors get this very object) and a
+    function giving every result. The template checks run now. The collator
+    check needs TRL, whose import takes seconds, so it runs in a thread while
+    Ray processes the rows; the returned function waits for it (or raises).
     """
     from ray_qlora.modeling import load_tokenizer
 
@@ -85,7 +86,7 @@ def tokenizer_checks(base: Path, cfg: PipelineConfig) -> Callable[[], dict[str, 
                             "collator drops its labels; give the tokenizer a distinct pad token")
         return {**out, "pad_vs_eos": {"passed": True, "pad_is_end_of_turn": same}}
 
-    return result
+    return tok, result
 
 
 def row_checks(processed: "ray.data.Dataset") -> dict[str, Any]:
