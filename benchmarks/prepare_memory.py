@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _peak_rss(rows: int, base: str) -> dict[str, float]:
-    """Run prepare on ``rows`` rows here; returns peak RSS in MiB of driver and of the largest worker."""
+    """Run prepare on ``rows`` rows here; returns peak RSS in MiB of the driver, the largest worker and
+    the largest row actor."""
     import psutil
     import ray
 
@@ -36,7 +37,7 @@ def _peak_rss(rows: int, base: str) -> dict[str, float]:
     from ray_qlora.prepare import prepare
     from ray_qlora.storage import RunPaths
 
-    peaks = {"driver": 0.0, "worker": 0.0}
+    peaks = {"driver": 0.0, "worker": 0.0, "row_actor": 0.0}
     me = psutil.Process()
     stop = threading.Event()
 
@@ -45,10 +46,14 @@ def _peak_rss(rows: int, base: str) -> dict[str, float]:
             peaks["driver"] = max(peaks["driver"], me.memory_info().rss / 2**20)
             for p in psutil.process_iter(["cmdline"]):
                 try:
-                    if "default_worker.py" in " ".join(p.info["cmdline"] or []):
+                    # A worker renames itself to what it runs (ray::MapWorker(...), ray::IDLE): match both forms.
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if cmd.startswith("ray::") or "default_worker.py" in cmd:
                         # RSS minus shared pages: the object store is shared memory, counted once, not per worker
                         mem = p.memory_full_info()
                         peaks["worker"] = max(peaks["worker"], (mem.rss - mem.shared) / 2**20)
+                        if "_RowProcessor" in cmd:
+                            peaks["row_actor"] = max(peaks["row_actor"], (mem.rss - mem.shared) / 2**20)
                 except (psutil.Error, OSError):
                     pass
             time.sleep(0.2)
@@ -87,11 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
         if line is None:
             raise SystemExit(f"the {n}-row run failed:\n{proc.stderr[-3000:]}")
         out[n] = json.loads(line[len("RESULT "):])
-        print(f"{n:>9,} rows: driver peak {out[n]['driver']:.0f} MiB, largest worker peak {out[n]['worker']:.0f} MiB",
-              flush=True)
+        print(f"{n:>9,} rows: driver peak {out[n]['driver']:.0f} MiB, largest worker peak {out[n]['worker']:.0f} MiB "
+              f"(row actors {out[n]['row_actor']:.0f} MiB)", flush=True)
     small, big = out[args.rows], out[10 * args.rows]
     ratios = {k: big[k] / small[k] for k in small}
-    print(f"ratio 10x/1x: driver {ratios['driver']:.2f}, worker {ratios['worker']:.2f}  (target <= 1.3)")
+    print(f"ratio 10x/1x: driver {ratios['driver']:.2f}, worker {ratios['worker']:.2f}, "
+          f"row actor {ratios['row_actor']:.2f}  (target <= 1.3)")
     return {"peaks": out, "ratios": ratios}
 
 

@@ -38,7 +38,8 @@ def test_packing_efficiency_smoke(tiny_model_dir: Path) -> None:
 def test_prepare_memory_smoke(tiny_model_dir: Path) -> None:
     out = _load("prepare_memory").main(["--rows", "100", "--base", str(tiny_model_dir)])
     assert set(out["peaks"]) == {100, 1000}
-    assert all(p["driver"] > 50 and p["worker"] > 0 for p in out["peaks"].values())
+    # the row actors are measured (a worker renames itself to what it runs; matching the command line alone missed them)
+    assert all(p["driver"] > 50 and p["worker"] >= p["row_actor"] > 0 for p in out["peaks"].values())
 
 
 def test_train_throughput_smoke(capsys) -> None:  # noqa: ANN001

@@ -53,6 +53,25 @@ def test_mixing_repeats_average_to_the_weight() -> None:
     assert 1.7 < sum(repeats_for(1.75, h, 1) for h in hashes) / len(hashes) < 1.8
 
 
+def test_row_actor_processes_a_whole_file_block_in_slices(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Ray Data hands an actor a whole file as one block; it must come back in data.batch_size slices, in order."""
+    from ray_qlora.modeling import load_tokenizer
+    from ray_qlora.prepare import _RowProcessor
+
+    cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": ["x"], "batch_size": 3}})
+    raws = [json.dumps(_alpaca(i)) for i in range(6)] + ["{not json", ""]
+    n = len(raws)
+    block = pa.table({"uid": [f"u{i}" for i in range(n)], "path": ["f.jsonl"] * n, "source": pa.array([0] * n, pa.int32()),
+                      "line": list(range(1, n + 1)), "record": ["row"] * (n - 1) + ["file"], "raw": raws,
+                      "reason": [""] * n})
+    out = list(_RowProcessor(cfg.model_dump_json(), load_tokenizer(tokenizer_dir))(block))
+    assert [t.num_rows for t in out] == [3, 3, 2]
+    rows = pa.concat_tables(out).to_pylist()
+    assert [r["uid"] for r in rows] == [f"u{i}" for i in range(n)]
+    assert [r["status"] for r in rows] == ["ok"] * 6 + ["quarantine", "file"]
+    assert rows[6]["reason"].startswith("invalid JSON") and all(r["num_label_tokens"] > 0 for r in rows[:6])
+
+
 def _alpaca(i: int) -> dict[str, str]:
     return {"instruction": f"Echo {i}", "output": f"echo {i}"}
 
