@@ -33,7 +33,7 @@ demo: install
 	$(VENV)/bin/ray-qlora demo jobs/configs/demo.yaml
 
 test: install
-	CHECKOV=$(VENV)/checkov/bin/checkov $(PY) -m pytest -q
+	CHECKOV=$(VENV)/checkov/bin/checkov $(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"
