@@ -50,8 +50,14 @@ def _readme_commands() -> dict[str, str]:
 
 
 def _cluster_processes(temp: str) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if any(temp in arg for arg in (p.info["cmdline"] or []))]
+    """Live processes of the cluster rooted at ``temp``.
+
+    Zombies are left out: they have exited, and an orphan's is reaped by init
+    when init gets to it (seen once in CI: the job's `python -u` entrypoint,
+    orphaned when `down` stopped its supervisor).
+    """
+    return [p for p in psutil.process_iter(["cmdline", "status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(temp in arg for arg in (p.info["cmdline"] or []))]
 
 
 @pytest.fixture(scope="module")
