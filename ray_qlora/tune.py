@@ -102,8 +102,9 @@ def _keep_rows_on_restart() -> Any:
 def _callbacks(cfg: PipelineConfig, run: storage.RunPaths) -> list[Any]:
     """Result files kept across trial restarts, and experiment tracking: Ray's MLflow logger (one MLflow
     run per trial) when tune.mlflow.enabled."""
+    callbacks = [_keep_rows_on_restart()]
     if not cfg.tune.mlflow.enabled:
-        return [_keep_rows_on_restart()]
+        return callbacks
     import os
 
     try:
@@ -114,8 +115,8 @@ def _callbacks(cfg: PipelineConfig, run: storage.RunPaths) -> list[Any]:
     uri = (cfg.tune.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
            or f"sqlite:///{os.path.abspath('mlflow.db')}")
     log.info("tune: logging trials to MLflow at %s, experiment %r", uri, cfg.tune.mlflow.experiment)
-    return [_keep_rows_on_restart(), MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.tune.mlflow.experiment,
-                                 tags={"ray_qlora.run": run.root})]
+    return [*callbacks, MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.tune.mlflow.experiment,
+                                             tags={"ray_qlora.run": run.root})]
 
 
 def preflight(cfg: PipelineConfig, resources: dict[str, float]) -> dict[str, Any]:
