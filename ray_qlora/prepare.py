@@ -1,8 +1,10 @@
 """Stage 1, prepare: raw instruction files -> tokenized train/eval shards (Ray Data).
 
 discover files (data/sources.py; every file read or listed with why not)
--> in an actor pool (one tokenizer per actor, one file per task, streamed):
-   read the file into raw rows, parse + normalise + validate +
+-> parts: large uncompressed JSONL and Parquet files cut into byte ranges or
+   row-group runs of about data.split_bytes (lines counted in parallel tasks)
+-> in an actor pool (one tokenizer per actor, one file part per task, streamed):
+   read the part into raw rows, parse + normalise + validate +
    template/tokenize/mask + dedup keys
 -> pre-flight checks (data/checks.py): a failure stops the stage
 -> duplicates (data/dedup.py): keys held by 2+ rows found from the key
@@ -162,17 +164,17 @@ class _RowProcessor:
         return pa.Table.from_pydict(out_cols, schema=self.schema)
 
 
-def _read_files(batch: dict[str, Any], files: list[dict[str, Any]], storage_json: str,
+def _read_files(batch: dict[str, Any], files: dict[int, dict[str, Any]], storage_json: str,
                 batch_rows: int) -> Iterator["pa.Table"]:
-    """Ray Data UDF over a batch of file indices: every raw row of those files, streamed."""
+    """Ray Data UDF over a batch of file parts: every raw row of those parts, streamed."""
     import pyarrow as pa
 
     cfg = StorageConfig.model_validate_json(storage_json)
     schema = pa.schema([("uid", pa.string()), ("path", pa.string()), ("source", pa.int32()), ("line", pa.int64()),
                         ("record", pa.string()), ("raw", pa.string()), ("reason", pa.string())])
-    for index in batch["index"]:
-        f = sources.InputFile(**files[int(index)])
-        for cols in sources.read_file(f, cfg, batch_rows):
+    for values in zip(*(batch[k] for k in ("file", "index", "start", "end", "first"))):
+        part = sources.Part(*map(int, values))
+        for cols in sources.read_file(sources.InputFile(**files[part.file]), cfg, batch_rows, part):
             yield pa.Table.from_pydict(cols, schema=schema)
 
 
@@ -322,27 +324,37 @@ def _length_stats(hist: list[dict[str, Any]]) -> dict[str, float]:
             "p50": pct(0.5), "p95": pct(0.95), "max": pairs[-1][0]}
 
 
-def _reconcile(files: list[sources.InputFile], status: list[dict[str, Any]],
+def _reconcile(files: list[sources.InputFile], parts: list[sources.Part], status: list[dict[str, Any]],
                counts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Per-file and total counts; raises if any row read is not in exactly one bucket."""
     per_file: dict[str, dict[str, int]] = {}
     for c in counts:
         per_file.setdefault(c["path"], {}).setdefault(c["bucket"], 0)
         per_file[c["path"]][c["bucket"]] += int(c["count()"])
-    read = {s["path"]: (int(s["line"]), s["reason"]) for s in status}
+    read: dict[str, list[Any]] = {}  # uri -> [rows read, problems, parts reported], summed over its parts
+    for s in status:
+        got = read.setdefault(s["path"], [0, [], 0])
+        got[0] += int(s["line"])
+        got[1] += [s["reason"]] if s["reason"] else []
+        got[2] += 1
+    n_parts = {f: sum(p.file == f for p in parts) for f in {p.file for p in parts}}
     entries, total = [], {"read": 0, **{b: 0 for b in BUCKETS}}
     for f in files:
         entry: dict[str, Any] = {"uri": f.uri, "source": f.source, "size": f.size}
         if f.skip:
             entries.append({**entry, "status": "skipped", "reason": f.skip})
             continue
-        n_read, problem = read.get(f.uri, (0, "no status came back from the reader"))
+        n_read, problems, reported = read.get(f.uri, (0, [], 0))
+        if reported != n_parts[f.index]:
+            problems = [*problems, f"{n_parts[f.index] - reported} of {n_parts[f.index]} part(s) sent no status "
+                                   "back from the reader"]
+        problem = "; ".join(problems)
         got = {b: per_file.get(f.uri, {}).get(b, 0) for b in BUCKETS}
         if sum(got.values()) != n_read:
             raise RuntimeError(f"prepare: {f.uri}: {n_read} rows read but {sum(got.values())} placed ({got}); "
                                "rows went missing, this is a bug")
         entries.append({**entry, "status": "error" if problem else "read", "reason": problem or None,
-                        "read": n_read, **got})
+                        "read": n_read, "parts": n_parts[f.index], **got})
         total["read"] += n_read
         for b in BUCKETS:
             total[b] += got[b]
@@ -355,7 +367,7 @@ def _fingerprint(cfg: PipelineConfig, files: list[sources.InputFile], base: Any)
     """What decides prepare's output: the files (name, size, mtime), data settings, seed, tokenizer."""
     from pathlib import Path
 
-    data = cfg.data.model_dump(mode="json", exclude={"num_actors", "batch_size", "cache"})
+    data = cfg.data.model_dump(mode="json", exclude={"num_actors", "batch_size", "cache", "split_bytes"})
     tok_files = sorted(p for p in Path(base).glob("*token*") if p.is_file()) if Path(base).is_dir() else []
     tok_hash = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in tok_files)).hexdigest()
     blob = json.dumps({"version": PREPARE_VERSION, "data": data, "packed": _packing(cfg), "seed": cfg.run.seed,
@@ -511,13 +523,16 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
         return cached
 
     with _stage_data_context():
-        processed = _process(readable, cfg, tok)
+        parts = sources.plan_parts(readable, cfg.storage, _split_bytes(cfg, readable), _count_in_tasks(cfg))
+        if len(parts) > len(readable):
+            log.info("prepare: %d file(s) read in %d parts", len(readable), len(parts))
+        processed = _process(readable, parts, cfg, tok)
         checked = {**tok_checks(), **checks.row_checks(processed)}
         duplicates = _find_duplicates(processed, cfg)
         final = _bucketize(processed, duplicates, cfg)
         status = final.filter(expr=col("bucket") == "file").select_columns(["path", "line", "reason"]).take_all()
         stats = _statistics(final.filter(expr=col("bucket") != "file"))
-        entries, counts = _reconcile(files, status, stats)
+        entries, counts = _reconcile(files, parts, status, stats)
         _clear_outputs(run, cfg)
         _write_rejects(final, cfg, run, counts)  # first: a refusal below points the user at them
         if not counts["train"] or not counts["eval"]:
@@ -564,20 +579,48 @@ def _shippable(tok: "PreTrainedTokenizerBase", cfg: PipelineConfig) -> "PreTrain
     return None if cfg.model.trust_remote_code else tok
 
 
-def _process(readable: list[sources.InputFile], cfg: PipelineConfig,
-             tok: "PreTrainedTokenizerBase") -> "ray.data.Dataset":
-    """Files -> processed rows, held by Ray.
+def _split_bytes(cfg: PipelineConfig, readable: list[sources.InputFile]) -> int:
+    """data.split_bytes, 'auto' resolved: about two parts per cluster CPU over all the input, so one
+    large file keeps every actor busy and the last parts even out their finish; at least 1 MiB (a
+    part's task and newline count cost little next to its rows), at most 64 MiB (a part's rows are
+    streamed, but a retried task redoes the whole part)."""
+    import ray
 
-    The reader is fused into the actor pool: each actor task reads one whole
-    file and processes its rows in batches of data.batch_size, streaming. With
-    a row batch size here instead, Ray would bundle many one-row file-index
-    blocks into one task and one actor would read every file.
+    if cfg.data.split_bytes != "auto":
+        return int(cfg.data.split_bytes)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return min(64 << 20, max(1 << 20, sum(f.size for f in readable) // (2 * cpus)))
+
+
+def _count_in_tasks(cfg: PipelineConfig) -> sources.CountAll:
+    """Newline counts of byte ranges (see sources.plan_parts) as Ray tasks, so the ranges of a large
+    file are counted in parallel where their bytes are fetched, not all through the driver."""
+    import ray
+
+    storage_cfg = cfg.storage
+
+    def count_all(jobs: Any) -> list[int | None]:
+        count = ray.remote(num_cpus=1)(sources.count_newlines)
+        return ray.get([count.remote(f, storage_cfg, a, b) for f, a, b in jobs])
+
+    return count_all
+
+
+def _process(readable: list[sources.InputFile], parts: list[sources.Part], cfg: PipelineConfig,
+             tok: "PreTrainedTokenizerBase") -> "ray.data.Dataset":
+    """File parts -> processed rows, held by Ray.
+
+    The reader is fused into the actor pool: each actor task reads one file
+    part (a whole file unless it is larger than data.split_bytes) and
+    processes its rows in batches of data.batch_size, streaming. With a row
+    batch size here instead, Ray would bundle many one-row part blocks into
+    one task and one actor would read every file.
     """
     import ray.data
 
-    files = ray.data.from_items([{"index": f.index} for f in readable], override_num_blocks=len(readable))
-    raw = files.map_batches(_read_files, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"files": [f.to_dict() for f in readable],
+    items = ray.data.from_items([p.to_dict() for p in parts], override_num_blocks=len(parts))
+    raw = items.map_batches(_read_files, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"files": {f.index: f.to_dict() for f in readable},
                                        "storage_json": cfg.storage.model_dump_json(),
                                        "batch_rows": cfg.data.batch_size})
     return raw.map_batches(

@@ -3,7 +3,9 @@
 One module-scoped prepare over a folder holding each file type (JSONL, JSON
 array, Parquet, gzip and zstd JSONL, a corrupt .gz, an unsupported file) and
 each row format, with one row per quarantine reason and duplicates of both
-kinds; the tests read its outputs and manifest.
+kinds; the tests read its outputs and manifest. A tiny data.split_bytes has
+the JSONL and Parquet files read in parts, so the line numbers, per-file
+counts and first occurrences checked below hold across parts too.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def _write_inputs(folder: Path) -> dict[str, int]:
         {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
         for i in range(10)]
     rows.append({"messages": [{"role": "user", "content": "unanswered"}]})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "b.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), folder / "b.parquet", row_group_size=4)  # 3 groups, 2 parts
     expected["b.parquet"] = len(rows)
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "parts"},
                                                        {"type": "text", "text": " joined"}]},
@@ -134,7 +136,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, ray
     root = tmp_path_factory.mktemp("prep")
     expected = _write_inputs(root / "raw")
     cfg = parse_config({"run": {"output_uri": str(root / "out"), "seed": 3},
-                        "data": {"input_uris": [str(root / "raw")], "eval_fraction": 0.25, "max_seq_length": 512},
+                        "data": {"input_uris": [str(root / "raw")], "eval_fraction": 0.25, "max_seq_length": 512,
+                                 "split_bytes": 300},
                         "model": {"base": str(tiny_model_dir)}})
     run = RunPaths.for_run(cfg.run.output_uri, "p1")
     return cfg, run, expected, prepare(cfg, run)
@@ -149,6 +152,8 @@ def test_every_file_is_read_or_listed_with_a_reason(prepared) -> None:  # noqa: 
     files = _files(manifest)
     for name, n in expected.items():
         assert files[name]["status"] == "read" and files[name]["read"] == n, name
+    assert files["a.jsonl"]["parts"] > 5 and files["b.parquet"]["parts"] == 2, "large files are read in parts"
+    assert files["c.jsonl.gz"]["parts"] == files["d.json"]["parts"] == 1, "compressed and JSON files are read whole"
     assert files["f.jsonl.gz"]["status"] == "error"
     assert files["f.jsonl.gz"]["reason"].startswith("corrupt:")
     assert files["notes.csv"]["status"] == "skipped" and "unsupported file type" in files["notes.csv"]["reason"]
@@ -268,6 +273,20 @@ def test_a_failing_template_check_stops_the_stage(tmp_path: Path, tiny_model_dir
                 "{% if add_generation_prompt %}assistant:\n{% endif %}")
     with pytest.raises(DataError, match=r"end_of_turn_labelled.*a.jsonl line \d"):
         prepare(_cfg(tmp_path, tiny_model_dir, chat_template=template), RunPaths.for_run(str(tmp_path), "t"))
+
+
+def test_auto_split_gives_each_cpu_two_parts_within_bounds(tmp_path: Path, ray_local: None) -> None:
+    from ray_qlora.data.sources import InputFile
+    from ray_qlora.prepare import _split_bytes
+
+    def files(*mib: float) -> list[InputFile]:
+        return [InputFile(i, f"f{i}.jsonl", 0, "jsonl", None, int(m * (1 << 20)), "") for i, m in enumerate(mib)]
+
+    cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": ["x"]}})
+    assert _split_bytes(cfg, files(64, 16)) == 10 << 20, "80 MiB over 2 parts for each of ray_local's 4 CPUs"
+    assert _split_bytes(cfg, files(0.5)) == 1 << 20, "small inputs: parts of at least 1 MiB"
+    assert _split_bytes(cfg, files(4096)) == 64 << 20, "huge inputs: parts of at most 64 MiB"
+    assert _split_bytes(cfg.with_overrides({"data.split_bytes": 0}), files(4096)) == 0
 
 
 def test_missing_input_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path, ray_local: None) -> None:

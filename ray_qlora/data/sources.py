@@ -3,12 +3,15 @@
 ``discover`` lists every file under each source (a file, a folder or a glob,
 local or ``s3://``, each resolved on its own filesystem) and says of each
 whether it will be read or why not, so the manifest can account for every
-file. ``read_file`` turns one file into batches of raw rows, one JSON text
-per row, and ends with one status record for the file. It never raises for
-bad content: a line that is not UTF-8 becomes a row carrying that reason, a
-truncated or corrupt file ends with a status naming the problem. Rows are
-identified by ``<file index>:<line>``, so "first occurrence" is well defined
-whatever order Ray runs the files in.
+file. ``plan_parts`` cuts large uncompressed JSONL files into byte ranges
+and large Parquet files into runs of row groups, so one big file is read by
+many actors. ``read_file`` turns one part into batches of raw rows, one JSON
+text per row, and ends with one status record for the part. It never raises
+for bad content: a line that is not UTF-8 becomes a row carrying that reason,
+a truncated or corrupt file ends with a status naming the problem. Rows are
+identified by ``<file index>:<line>`` with the line counted from the start of
+the file whatever part read it, so "first occurrence" is well defined
+whatever order Ray runs the parts in.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import fnmatch
 import json
 import posixpath
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow.fs as pafs
 
 from ray_qlora import storage
 from ray_qlora.config import SourceConfig, StorageConfig
 
-__all__ = ["InputFile", "RAW_COLUMNS", "discover", "file_kind", "read_file", "row_uid"]
+__all__ = ["InputFile", "Part", "RAW_COLUMNS", "count_newlines", "discover", "file_kind", "plan_parts", "read_file",
+           "row_uid"]
 
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -45,6 +49,26 @@ class InputFile:
     size: int
     mtime: str
     skip: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Part:
+    """The share of one file a reader task reads.
+
+    JSON Lines: the lines that start in bytes [start, end); ``first`` is the
+    number of newlines before byte ``start - 1`` (0 for the first part), which
+    numbers the part's lines as in the whole file. Parquet: row groups
+    [start, end); ``first`` is the rows before them. ``end`` -1: to the end.
+    """
+
+    file: int
+    index: int = 0
+    start: int = 0
+    end: int = -1
+    first: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,11 +177,90 @@ def row_uid(file_index: int, line: int) -> str:
     return f"{file_index:06d}:{line:09d}"
 
 
-class _Batcher:
-    """Collects raw rows of one file into column batches of at most ``size`` rows."""
+# Counts the newlines in bytes [start, end) of each (file, start, end): runs them all and returns the counts.
+CountAll = Callable[[Sequence[tuple[InputFile, int, int]]], list[int | None]]
 
-    def __init__(self, f: InputFile, size: int) -> None:
-        self.f, self.size, self.count = f, size, 0
+
+def count_newlines(f: InputFile, cfg: StorageConfig, start: int, end: int) -> int | None:
+    """Newlines in bytes [start, end) of an uncompressed file; None when it cannot be read (the
+    reader then reports it)."""
+    try:
+        fs, path = storage.resolve(f.uri, cfg)
+        with fs.open_input_file(path) as handle:
+            handle.seek(start)
+            count, left = 0, end - start
+            while left > 0 and (chunk := handle.read(min(_CHUNK, left))):
+                count += chunk.count(b"\n")
+                left -= len(chunk)
+            return count
+    except Exception:  # noqa: BLE001 - any failure here is the reader's to report, with the file's name
+        return None
+
+
+def _parquet_parts(f: InputFile, cfg: StorageConfig, split_bytes: int) -> list[Part]:
+    """Runs of row groups of about ``split_bytes`` (uncompressed) each, numbered by their first row."""
+    import pyarrow.parquet as pq
+
+    try:
+        fs, path = storage.resolve(f.uri, cfg)
+        with fs.open_input_file(path) as handle:
+            meta = pq.ParquetFile(handle).metadata
+    except Exception:  # noqa: BLE001 - a corrupt footer: read whole, and the reader names the problem
+        return [Part(f.index)]
+    parts: list[Part] = []
+    start = size = rows = first = 0  # the run being gathered: first group, bytes, rows; rows before it
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        rows += meta.row_group(g).num_rows
+        if size >= split_bytes or g == meta.num_row_groups - 1:
+            parts.append(Part(f.index, len(parts), start, g + 1, first))
+            start, size, rows, first = g + 1, 0, 0, first + rows
+    return parts or [Part(f.index)]
+
+
+def plan_parts(files: Sequence[InputFile], cfg: StorageConfig, split_bytes: int,
+               count_all: CountAll | None = None) -> list[Part]:
+    """The parts every readable file is read in: one for small, compressed or JSON-array files.
+
+    A byte range only becomes a part once the newlines before it are counted
+    (``count_all``: in parallel tasks under Ray; sequentially by default),
+    so its rows carry their line in the whole file: quarantine and duplicate
+    reports point at the real line, and row ids do not depend on the split.
+    """
+    if count_all is None:
+        def count_all(jobs: Sequence[tuple[InputFile, int, int]]) -> list[int | None]:
+            return [count_newlines(f, cfg, a, b) for f, a, b in jobs]
+    parts: list[Part] = []
+    ranged: list[tuple[InputFile, list[int]]] = []
+    for f in files:
+        if split_bytes <= 0 or f.size <= split_bytes or f.compression or f.kind not in ("jsonl", "parquet"):
+            parts.append(Part(f.index))
+        elif f.kind == "parquet":
+            parts.extend(_parquet_parts(f, cfg, split_bytes))
+        else:
+            ranged.append((f, list(range(0, f.size, split_bytes))))
+    # Part k > 0 is read from byte start - 1, so that a line starting exactly at ``start`` is told
+    # from one running through it; the newlines before that byte number its lines.
+    jobs = [(f, max(a - 1, 0), b - 1) for f, starts in ranged for a, b in zip(starts, starts[1:])]
+    counts = iter(count_all(jobs))
+    for f, starts in ranged:
+        got = [next(counts) for _ in starts[1:]]
+        if any(c is None for c in got):  # unreadable: one part, whose reader reports the problem
+            parts.append(Part(f.index))
+            continue
+        first = 0
+        for k, start in enumerate(starts):
+            end = starts[k + 1] if k + 1 < len(starts) else -1
+            parts.append(Part(f.index, k, start, end, first))
+            first += got[k] if k < len(got) else 0
+    return sorted(parts, key=lambda p: (p.file, p.index))
+
+
+class _Batcher:
+    """Collects raw rows of one file part into column batches of at most ``size`` rows."""
+
+    def __init__(self, f: InputFile, part: Part, size: int) -> None:
+        self.f, self.part, self.size, self.count = f, part, size, 0
         self.cols: dict[str, list[Any]] = {c: [] for c in RAW_COLUMNS}
 
     def add(self, line: int, raw: str, reason: str = "") -> dict[str, list[Any]] | None:
@@ -174,23 +277,39 @@ class _Batcher:
         return out
 
     def status(self, problem: str) -> dict[str, list[Any]]:
-        """The file's closing record: ``line`` holds the rows read, ``reason`` the problem ('' when none)."""
-        return {"uid": [f"{self.f.index:06d}:file"], "path": [self.f.uri], "source": [self.f.source],
-                "line": [self.count], "record": ["file"], "raw": [""], "reason": [problem]}
+        """The part's closing record: ``line`` holds the rows read, ``reason`` the problem ('' when none)."""
+        return {"uid": [f"{self.f.index:06d}:file:{self.part.index:05d}"], "path": [self.f.uri],
+                "source": [self.f.source], "line": [self.count], "record": ["file"], "raw": [""],
+                "reason": [problem]}
 
 
-def _lines(stream: Any) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, bytes) of every non-blank line of a binary stream, read in chunks."""
-    rest, number = b"", 0
+def _lines(stream: Any, number: int = 0, skip_first: bool = False,
+           limit: int = -1) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of every non-blank line of a binary stream, read in chunks.
+
+    ``number``: lines before the stream's first; ``skip_first``: its first line belongs to the part
+    before; ``limit`` (not -1): stop at the first line that starts at or after this many bytes in.
+    """
+    rest, offset = b"", 0  # offset: where ``rest`` starts in the stream
+
+    def lines(pieces: list[bytes]) -> Iterator[tuple[int, bytes]]:
+        nonlocal number, offset, skip_first
+        for piece in pieces:
+            if limit != -1 and offset >= limit:
+                return
+            number, offset = number + 1, offset + len(piece) + 1
+            if skip_first:
+                skip_first = False
+            elif piece.strip():
+                yield number, piece
+
     while chunk := stream.read(_CHUNK):
-        parts = (rest + chunk).split(b"\n")
-        rest = parts.pop()
-        for part in parts:
-            number += 1
-            if part.strip():
-                yield number, part
-    if rest.strip():
-        yield number + 1, rest
+        pieces = (rest + chunk).split(b"\n")
+        rest = pieces.pop()
+        yield from lines(pieces)
+        if limit != -1 and offset >= limit:
+            return
+    yield from lines([rest])
 
 
 def _decode(line: bytes) -> tuple[str, str]:
@@ -201,8 +320,8 @@ def _decode(line: bytes) -> tuple[str, str]:
         return line.decode("utf-8", "backslashreplace"), f"not UTF-8: invalid byte at position {err.start}"
 
 
-def _read_jsonl(stream: Any, b: _Batcher) -> Iterator[dict[str, list[Any]]]:
-    for number, line in _lines(stream):
+def _read_jsonl(stream: Any, b: _Batcher, **where: Any) -> Iterator[dict[str, list[Any]]]:
+    for number, line in _lines(stream, **where):
         text, reason = _decode(line)
         if (out := b.add(number, text, reason)) is not None:
             yield out
@@ -227,8 +346,10 @@ def _read_json(data: bytes, b: _Batcher) -> Iterator[dict[str, list[Any]]]:
 def _read_parquet(handle: Any, b: _Batcher) -> Iterator[dict[str, list[Any]]]:
     import pyarrow.parquet as pq
 
-    number = 0
-    for batch in pq.ParquetFile(handle).iter_batches(batch_size=b.size):
+    file = pq.ParquetFile(handle)
+    p, number = b.part, b.part.first
+    groups = None if p.end == -1 else list(range(p.start, p.end))
+    for batch in file.iter_batches(batch_size=b.size, row_groups=groups):
         # to_pylist gives plain Python objects (nested lists of dicts), which json can dump.
         for row in batch.to_pylist():
             number += 1
@@ -236,21 +357,33 @@ def _read_parquet(handle: Any, b: _Batcher) -> Iterator[dict[str, list[Any]]]:
                 yield out
 
 
-def read_file(f: InputFile, cfg: StorageConfig, batch_rows: int = 1024) -> Iterator[dict[str, list[Any]]]:
-    """Batches of raw rows of one file, then its status record; never raises for bad content."""
-    b = _Batcher(f, batch_rows)
+def _read_range(handle: Any, b: _Batcher) -> Iterator[dict[str, list[Any]]]:
+    """The lines of a JSON Lines part (see Part): read from byte start - 1, whose line is the part
+    before's, to the last line that starts before ``end``."""
+    p = b.part
+    handle.seek(p.start - 1)
+    limit = -1 if p.end == -1 else p.end - p.start + 1
+    yield from _read_jsonl(handle, b, number=p.first, skip_first=True, limit=limit)
+
+
+def read_file(f: InputFile, cfg: StorageConfig, batch_rows: int = 1024,
+              part: Part | None = None) -> Iterator[dict[str, list[Any]]]:
+    """Batches of raw rows of one file (or one part of it), then its status record; never raises
+    for bad content."""
+    part = part or Part(f.index)
+    b = _Batcher(f, part, batch_rows)
     problem, stage = "", "unreadable"
     try:
         fs, path = storage.resolve(f.uri, cfg)
-        if f.kind == "parquet":
+        if f.kind == "parquet" or part.start > 0:
             with fs.open_input_file(path) as handle:
                 stage = "corrupt"
-                yield from _read_parquet(handle, b)
+                yield from _read_parquet(handle, b) if f.kind == "parquet" else _read_range(handle, b)
         else:
             with fs.open_input_stream(path, compression=f.compression) as stream:
                 stage = "corrupt"
                 if f.kind == "jsonl":
-                    yield from _read_jsonl(stream, b)
+                    yield from _read_jsonl(stream, b, limit=part.end)
                 else:
                     yield from _read_json(stream.read(), b)
     except Exception as err:  # noqa: BLE001 - any failure of one file is reported, the others go on
