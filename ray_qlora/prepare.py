@@ -211,9 +211,6 @@ def _stage_data_context() -> Iterator[None]:
     previous = DataContext.get_current()
     scoped = copy.deepcopy(previous)
     scoped.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    # The actor pool's inputs are file indices (each actor reads its file itself), so
-    # placing tasks by where their input blocks live gains nothing and costs a tracker actor.
-    scoped.execution_options.actor_locality_enabled = False
     DataContext._set_current(scoped)
     try:
         yield
