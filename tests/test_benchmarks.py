@@ -23,9 +23,12 @@ def _load(name: str) -> ModuleType:
 
 
 def test_prepare_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
-    out = _load("prepare_throughput").main(["--rows", "400", "--base", str(tiny_model_dir), "--cpus", "2"])
+    out = _load("prepare_throughput").main(["--rows", "400", "--base", str(tiny_model_dir), "--cpus", "2",
+                                            "--one-file", "--split-bytes", "20000"])
     assert out["rows"] == 400 and out["counts"]["quarantine"] == 0
-    assert out["ratio"] > 0 and "ratio prepare / baseline" in capsys.readouterr().out
+    assert out["parts"] > 1 and out["whole_counts"] == out["counts"], "parts place every row as the whole file does"
+    printed = capsys.readouterr().out
+    assert out["ratio"] > 0 and "ratio prepare / baseline" in printed and "ratio parts / whole" in printed
 
 
 def test_packing_efficiency_smoke(tiny_model_dir: Path) -> None:
