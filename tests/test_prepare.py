@@ -328,7 +328,8 @@ def test_prepare_again_into_the_same_run_replaces_its_shards(tmp_path: Path, tin
 
 
 def test_local_and_s3_sources_mix(tmp_path: Path, tiny_model_dir: Path, local_s3, ray_local: None) -> None:  # noqa: ANN001
-    """Each file is read through its own filesystem: a local folder and an S3 prefix in one config."""
+    """Each file is read through its own filesystem: a local folder and an S3 prefix in one config,
+    each file in parts (ranged reads of the S3 object)."""
     from ray_qlora import storage
     from ray_qlora.config import StorageConfig
 
@@ -337,8 +338,9 @@ def test_local_and_s3_sources_mix(tmp_path: Path, tiny_model_dir: Path, local_s3
     (tmp_path / "raw" / "a.jsonl").write_text("\n".join(json.dumps(_alpaca(i)) for i in range(20)))
     remote = "\n".join(json.dumps({"prompt": f"S3 {i}", "completion": "ok"}) for i in range(20))
     storage.write_bytes("s3://mix-bucket/raw/b.jsonl", remote.encode(), StorageConfig())
-    cfg = _cfg(tmp_path, tiny_model_dir, sources=[{"uri": "s3://mix-bucket/raw/"}])
+    cfg = _cfg(tmp_path, tiny_model_dir, sources=[{"uri": "s3://mix-bucket/raw/"}], split_bytes=200)
     m = prepare(cfg, RunPaths.for_run(cfg.run.output_uri, "mix"))
     assert {f["uri"]: f["read"] for f in m["files"]} == {str(tmp_path / "raw" / "a.jsonl"): 20,
                                                         "s3://mix-bucket/raw/b.jsonl": 20}
+    assert all(f["parts"] > 2 for f in m["files"])
     assert m["counts"]["train"] + m["counts"]["eval"] == 40
