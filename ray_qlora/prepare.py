@@ -528,7 +528,7 @@ def prepare(cfg: PipelineConfig, run: storage.RunPaths) -> dict[str, Any]:
         duplicates = _find_duplicates(processed, cfg)
         final = _bucketize(processed, duplicates, cfg)
         status = final.filter(expr=col("bucket") == "file").select_columns(["path", "line", "reason"]).take_all()
-        stats = _statistics(final.filter(expr=col("bucket") != "file"))
+        stats = _statistics(final)
         entries, counts = _reconcile(files, parts, status, stats)
         _clear_outputs(run, cfg)
         _write_rejects(final, cfg, run, counts)  # first: a refusal below points the user at them
@@ -650,12 +650,15 @@ def _write_examples(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage
 
 def _statistics(final: "ray.data.Dataset") -> list[dict[str, Any]]:
     """Row counts and train uses per (file, bucket, reason kind, length, source): one aggregation
-    from which every count of the manifest is read."""
+    from which every count of the manifest is read.
+
+    The parts' status records are grouped too, under bucket 'file' (the readers of BUCKETS skip
+    it): every read part has one, so the dataset is never empty (an empty one has no columns to
+    group by) and needs no counting pass first.
+    """
     from ray.data.aggregate import Count, Sum
 
     keys = ["path", "bucket", "reason_key", "num_tokens", "source"]
-    if final.count() == 0:  # an empty dataset has no columns to group by
-        return []
     return final.select_columns([*keys, "repeats"]).groupby(keys).aggregate(Count(), Sum("repeats")).take_all()
 
 
