@@ -23,11 +23,12 @@ the data/tokenizer settings lets a re-run reuse an earlier result.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ray_qlora import storage
 from ray_qlora.config import PipelineConfig, StorageConfig
@@ -334,7 +335,7 @@ def _reconcile(files: list[sources.InputFile], parts: list[sources.Part], status
         got[0] += int(s["line"])
         got[1] += [s["reason"]] if s["reason"] else []
         got[2] += 1
-    n_parts = {f: sum(p.file == f for p in parts) for f in {p.file for p in parts}}
+    n_parts = collections.Counter(p.file for p in parts)
     entries, total = [], {"read": 0, **{b: 0 for b in BUCKETS}}
     for f in files:
         entry: dict[str, Any] = {"uri": f.uri, "source": f.source, "size": f.size}
@@ -596,7 +597,7 @@ def _count_in_tasks(cfg: PipelineConfig) -> sources.CountAll:
 
     storage_cfg = cfg.storage
 
-    def count_all(jobs: Any) -> list[int | None]:
+    def count_all(jobs: "Sequence[tuple[sources.InputFile, int, int]]") -> list[int | None]:
         count = ray.remote(num_cpus=1)(sources.count_newlines)
         return ray.get([count.remote(f, storage_cfg, a, b) for f, a, b in jobs])
 
