@@ -122,9 +122,9 @@ class DataConfig(_Strict):
                             "cluster's CPUs.")
     batch_size: int = Field(2048, ge=1, description="Rows per Ray Data block in row processing.")
     split_bytes: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="Uncompressed JSONL and Parquet files larger than this are read in parts of about "
-                            "this many bytes, each by its own actor task; 0 reads each file whole. 'auto': the "
-                            "input's bytes over 2 parts per cluster CPU, kept between 1 and 64 MiB.")
+        "auto", description="JSONL (gzip/zstd too) and Parquet files larger than this are read in parts of about "
+                            "this many (compressed) bytes, each by its own actor task; 0 reads each file whole. "
+                            "'auto': the input's bytes over 2 parts per cluster CPU, kept between 1 and 64 MiB.")
     cache: bool = Field(True, description="Reuse an earlier prepare of the same inputs and settings.")
 
     @field_validator("dedup", mode="before")

@@ -1,8 +1,9 @@
 """Stage 1, prepare: raw instruction files -> tokenized train/eval shards (Ray Data).
 
 discover files (data/sources.py; every file read or listed with why not)
--> parts: large uncompressed JSONL and Parquet files cut into byte ranges or
-   row-group runs of about data.split_bytes (lines counted in parallel tasks)
+-> parts: files over data.split_bytes cut into byte ranges (JSONL; lines
+   counted in parallel tasks), row-group runs (Parquet) or line stripes
+   (gzip/zstd JSONL)
 -> in an actor pool (one tokenizer per actor, one file part per task, streamed):
    read the part into raw rows, parse + normalise + validate +
    template/tokenize/mask + dedup keys
@@ -173,7 +174,7 @@ def _read_files(batch: dict[str, Any], files: dict[int, dict[str, Any]], storage
     cfg = StorageConfig.model_validate_json(storage_json)
     schema = pa.schema([("uid", pa.string()), ("path", pa.string()), ("source", pa.int32()), ("line", pa.int64()),
                         ("record", pa.string()), ("raw", pa.string()), ("reason", pa.string())])
-    for values in zip(*(batch[k] for k in ("file", "index", "start", "end", "first"))):
+    for values in zip(*(batch[k] for k in ("file", "index", "start", "end", "first", "of"))):
         part = sources.Part(*map(int, values))
         for cols in sources.read_file(sources.InputFile(**files[part.file]), cfg, batch_rows, part):
             yield pa.Table.from_pydict(cols, schema=schema)
@@ -346,7 +347,7 @@ def _reconcile(files: list[sources.InputFile], parts: list[sources.Part], status
         if reported != n_parts[f.index]:
             problems = [*problems, f"{n_parts[f.index] - reported} of {n_parts[f.index]} part(s) sent no status "
                                    "back from the reader"]
-        problem = "; ".join(problems)
+        problem = "; ".join(dict.fromkeys(problems))  # a compressed file's stripes all meet its corruption
         got = {b: per_file.get(f.uri, {}).get(b, 0) for b in BUCKETS}
         if sum(got.values()) != n_read:
             raise RuntimeError(f"prepare: {f.uri}: {n_read} rows read but {sum(got.values())} placed ({got}); "

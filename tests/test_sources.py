@@ -1,4 +1,5 @@
-"""Reading a file in parts gives exactly the rows of reading it whole, with the same line numbers."""
+"""Reading a file in parts (byte ranges, row-group runs, stripes of a compressed stream) gives exactly
+the rows of reading it whole, with the same line numbers."""
 
 from __future__ import annotations
 
@@ -83,15 +84,43 @@ def test_parquet_in_row_group_runs_keeps_row_numbers(tmp_path: Path) -> None:
     assert _read_in_parts(f, 10**9)[2] == 1
 
 
-def test_compressed_json_and_small_files_are_read_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_compressed_jsonl_in_stripes_reads_every_line_once_with_its_line_number(
+        tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "STRIPE_LINES", 7)  # many blocks of a few hundred lines
+    path = tmp_path / f"a.jsonl.{'gz' if codec == 'gzip' else 'zst'}"
+    with pa.CompressedOutputStream(str(path), codec) as out:
+        out.write(b"\n".join(_messy_lines(11)))
+    f = _one(path)
+    whole = [r for r in _records(f) if r[4] == "row"]
+    for split in (f.size // 5, f.size // 2):
+        rows, reported, n_parts = _read_in_parts(f, split)
+        assert n_parts > 1
+        assert sorted(rows) == whole, f"split_bytes={split}"  # parts interleave: same rows, once each
+        assert reported == len(whole)
+
+
+def test_a_truncated_compressed_file_in_stripes_is_reported_by_each_part_alike(tmp_path: Path) -> None:
     import gzip
 
-    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"a": 1}\n' * 500))
+    whole_gz = gzip.compress(b"\n".join(json.dumps({"i": i, "pad": "p" * (i % 97)}).encode() for i in range(20000)))
+    (tmp_path / "a.jsonl.gz").write_bytes(whole_gz[: len(whole_gz) // 2])
+    f = _one(tmp_path / "a.jsonl.gz")
+    whole = _records(f)
+    parts = sources.plan_parts([f], CFG, f.size // 4)
+    got = [_records(f, p) for p in parts]
+    assert len(parts) > 3 and all(p[-1][6] == got[0][-1][6] for p in got), "one problem, said alike"
+    assert got[0][-1][6].startswith("corrupt:") and whole[-1][6].startswith(got[0][-1][6])
+    assert sorted(r for p in got for r in p[:-1]) == whole[:-1], "the rows before the damage, each once"
+
+
+def test_json_arrays_and_small_files_are_read_whole(tmp_path: Path) -> None:
     (tmp_path / "b.json").write_text(json.dumps([{"a": i} for i in range(500)]))
     (tmp_path / "c.jsonl").write_text('{"a": 1}\n')
     files = sources.discover([SourceConfig(uri=str(tmp_path))], CFG)
-    assert [(p.file, p.end) for p in sources.plan_parts(files, CFG, 64)] == [(0, -1), (1, -1), (2, -1)]
-    assert len(sources.plan_parts(files, CFG, 0)) == 3, "0 never splits"
+    assert [(p.file, p.end, p.of) for p in sources.plan_parts(files, CFG, 64)] == [(0, -1, 1), (1, -1, 1)]
+    big = sources.discover([SourceConfig(uri=str(tmp_path / "b.json"))], CFG)
+    assert len(sources.plan_parts(big, CFG, 0)) == 1, "0 never splits"
 
 
 def test_a_file_that_vanished_after_discovery_is_one_part_reported_by_its_reader(tmp_path: Path) -> None:
