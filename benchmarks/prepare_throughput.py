@@ -14,6 +14,7 @@ and in parts (the default), to show one large file using the cluster.
     python benchmarks/prepare_throughput.py                # 200,000 rows
     python benchmarks/prepare_throughput.py --rows 2000    # smoke (what the tests run)
     python benchmarks/prepare_throughput.py --rows 60000 --one-file
+    python benchmarks/prepare_throughput.py --rows 60000 --one-file --gzip   # one .jsonl.gz
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     p.add_argument("--one-file", action="store_true", help="all rows in one JSONL file, read whole and in parts")
     p.add_argument("--split-bytes", type=int, default=None, help="data.split_bytes for the parts run")
+    p.add_argument("--gzip", action="store_true", help="with --one-file: the file is gzip-compressed")
     args = p.parse_args(argv)
 
     import logging
@@ -92,7 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
         raws = write_dataset(Path(tmp) / "raw", args.rows)
         if args.one_file:  # the same rows, one JSON text a line (formats are detected per row)
             (Path(tmp) / "one").mkdir()
-            (Path(tmp) / "one" / "all.jsonl").write_text("\n".join(raws) + "\n")
+            data = ("\n".join(raws) + "\n").encode()
+            if args.gzip:
+                import gzip
+
+                (Path(tmp) / "one" / "all.jsonl.gz").write_bytes(gzip.compress(data, compresslevel=6))
+            else:
+                (Path(tmp) / "one" / "all.jsonl").write_bytes(data)
         t_base = baseline(raws, base, args.max_seq_length)
         print(f"baseline datasets.map (1 process): {len(raws)} rows in {t_base:.1f}s = {len(raws) / t_base:,.0f} rows/s",
               flush=True)
