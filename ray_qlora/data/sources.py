@@ -18,6 +18,7 @@ whatever order Ray runs the parts in.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import posixpath
 from dataclasses import asdict, dataclass
@@ -227,7 +228,7 @@ def _parquet_parts(f: InputFile, cfg: StorageConfig, split_bytes: int) -> list[P
 
 def plan_parts(files: Sequence[InputFile], cfg: StorageConfig, split_bytes: int,
                count_all: CountAll | None = None) -> list[Part]:
-    """The parts every readable file is read in: one for small, compressed or JSON-array files.
+    """The parts every readable file is read in: one for small files and JSON arrays.
 
     A byte range only becomes a part once the newlines before it are counted
     (``count_all``: in parallel tasks under Ray; sequentially by default),
@@ -260,11 +261,10 @@ def plan_parts(files: Sequence[InputFile], cfg: StorageConfig, split_bytes: int,
         if any(c is None for c in got):  # unreadable: one part, whose reader reports the problem
             parts.append(Part(f.index))
             continue
-        first = 0
-        for k, start in enumerate(starts):
-            end = starts[k + 1] if k + 1 < len(starts) else -1
-            parts.append(Part(f.index, k, start, end, first))
-            first += got[k] if k < len(got) else 0
+        firsts = [0, *itertools.accumulate(got)]  # newlines before each part's byte start - 1
+        ends = [*starts[1:], -1]
+        parts.extend(Part(f.index, k, start, end, first)
+                     for k, (start, end, first) in enumerate(zip(starts, ends, firsts)))
     return sorted(parts, key=lambda p: (p.file, p.index))
 
 
