@@ -145,6 +145,7 @@ class _RowProcessor:
         parsed = [self._parsed(*args) for args in zip(cols["record"], cols["raw"], cols["reason"], cols["source"])]
         convs = [p for p in parsed if isinstance(p, list)]
         tokenized = iter(tokenize_conversations(self.tok, convs, d.max_seq_length, d.length_policy, self.eot))
+        keys = iter(dedup.batch_dedup_keys(convs, d.dedup))
         empty = {"status": "quarantine", "reason": "", "messages": "", "content_hash": "", "dedup_keys": [],
                  "input_ids": [], "labels": [], "num_tokens": 0, "num_label_tokens": 0, "check_failures": []}
         rows: list[dict[str, Any]] = []
@@ -152,12 +153,12 @@ class _RowProcessor:
             if record == "file":  # a file's status record travels through untouched
                 rows.append({**empty, "status": "file", "reason": p})
                 continue
-            out = next(tokenized) if isinstance(p, list) else RowError(p)
+            out, row_keys = (next(tokenized), next(keys)) if isinstance(p, list) else (RowError(p), [])
             if isinstance(out, RowError):
                 rows.append({**empty, "reason": str(out)})
                 continue
             rows.append({**out, "status": "ok", "reason": "", "messages": json.dumps(p, ensure_ascii=False),
-                         "content_hash": content_hash(p), "dedup_keys": dedup.dedup_keys(p, d.dedup)})
+                         "content_hash": content_hash(p), "dedup_keys": row_keys})
         out_cols = {name: cols[name] for name in sources.RAW_COLUMNS if name != "reason"}
         out_cols["check_failed"] = [bool(r["check_failures"]) for r in rows]
         for name in self.schema.names:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 from ray_qlora.config import DedupConfig
-from ray_qlora.data.dedup import dedup_keys, lsh_params, resolve
+from ray_qlora.data.dedup import batch_dedup_keys, dedup_keys, lsh_params, normalise, resolve, signatures
 from ray_qlora.data.sample import make_orders
 
 CFG = DedupConfig()
@@ -28,6 +29,34 @@ def _chat(q: str, a: str = "ok") -> list[dict[str, str]]:
 def test_lsh_bands_come_from_datasketch_for_the_threshold() -> None:
     bands, rows = lsh_params(0.9, 128)
     assert bands * rows <= 128 and rows > 1
+
+
+def test_batched_signatures_are_datasketchs_minhash() -> None:
+    """Many rows in one numpy pass give exactly datasketch's per-row MinHash values, across chunk edges."""
+    import zlib
+
+    import numpy as np
+    from datasketch import MinHash
+
+    from ray_qlora.data import dedup
+
+    texts = ["", "one", "two words", "a b c", *(f"order {i}: " + " ".join(f"w{j % (i + 3)}" for j in range(i * 7))
+                                              for i in range(60))]
+    cfg = DedupConfig(num_perm=64, shingle_size=2)
+    dedup._CHUNK_SHINGLES, saved = 50, dedup._CHUNK_SHINGLES  # many chunks, some rows larger than one
+    try:
+        got = signatures(texts, cfg)
+    finally:
+        dedup._CHUNK_SHINGLES = saved
+    for text, sig in zip(texts, got):
+        words = re.findall(r"\w+", text)
+        shingles = [" ".join(words[i:i + 2]).encode() for i in range(max(1, len(words) - 1))]
+        m = MinHash(num_perm=64, seed=1, scheme="affine32", hashfunc=zlib.crc32)
+        m.update_batch(shingles)
+        assert np.array_equal(sig, m.hashvalues), text
+    convs = [_chat(t) for t in texts[:10]]
+    assert batch_dedup_keys(convs, CFG) == [dedup_keys(c, CFG) for c in convs]
+    assert signatures([normalise(convs[5])], CFG).shape == (1, 128)
 
 
 def test_exact_duplicates_fold_case_and_spacing_and_keep_the_first() -> None:
