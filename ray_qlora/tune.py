@@ -258,6 +258,8 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] |
             if "resumed_from_step" in df else 0,
             "error": _first_line(r.error) if r.error else None,
             "node_id": last.get("node_id"), "started_at": _num(last.get("started_at")),
+            # training's own span on the worker: wall_s also counts the trial's set-up before started_at
+            "last_report_at": _num(last.get("reported_at")),
             "adapter_uri": _checkpoint_uri(r, cfg),
             "curve": {"step": [int(x) for x in df["step"]], "eval_loss": [float(x) for x in df["eval_loss"]],
                       "train_loss": [_num(x) for x in df.get("train_loss", [])]},
