@@ -36,6 +36,17 @@ def serve_port(ray_local: None) -> Iterator[int]:
     serve.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _delete_apps_after(serve_port: int) -> Iterator[None]:
+    """Each test's application is deleted after it. Its replicas hold CPUs of the 4-CPU Ray; kept, the
+    apps of earlier tests left the last one's replica nowhere to go (serve.run then waits forever)."""
+    yield
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
 def _deploy(model_dir: Path, port: int, name: str, tmp_path: Path, **serve_cfg: Any) -> str:
     """Serve ``model_dir`` as app ``name`` under /name; returns its /v1 base URL once ready."""
     from ray import serve
