@@ -170,7 +170,7 @@ def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eva
     """SFTTrainer over a 4-bit base with LoRA attached; the one place a trial's model is built."""
     from trl import SFTTrainer
 
-    from ray_qlora.modeling import attach_lora, load_4bit_base, load_tokenizer
+    from ray_qlora.modeling import attach_lora, compute_dtype_name, load_4bit_base, load_tokenizer
     from ray_qlora.plan import shape_from_config
 
     cfg, why = resolve_speed(cfg, shape_from_config(base_path), device)
@@ -181,8 +181,28 @@ def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eva
     model = load_4bit_base(base_path, cfg.model.quantization, device, trust_remote_code=cfg.model.trust_remote_code)
     model = attach_lora(model, cfg.lora, bool(cfg.training.gradient_checkpointing))
     args = _sft_args(cfg, output_dir, device, packed, checkpoints)
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds,
-                      eval_dataset=eval_ds, processing_class=tok, callbacks=callbacks or [])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds,
+                         eval_dataset=eval_ds, processing_class=tok, callbacks=callbacks or [])
+    if compute_dtype_name(cfg.model.quantization, device) == "float32":
+        _adapters_to_fp32(trainer.model)
+    return trainer
+
+
+def _adapters_to_fp32(model: Any) -> None:
+    """Undo SFTTrainer's bf16 cast of a quantized model's LoRA weights where the base computes in fp32.
+
+    TRL casts QLoRA adapters to bf16 (the paper's GPU recipe, where compute is
+    bf16 too). With fp32 compute, the CPU default, peft then runs every LoRA
+    matmul in bf16, which CPUs without native bf16 emulate: on SmolLM2-135M
+    with an AVX2 CPU, the LoRA matmuls alone took a quarter of a 22 s step.
+    The optimizer does not exist yet (``train()`` builds it), so it sees fp32
+    parameters from the start.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _training_mode(train_ds: "Dataset", eval_ds: "Dataset", max_seq_length: int) -> bool:

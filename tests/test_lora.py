@@ -64,6 +64,8 @@ def test_base_frozen_adapter_trained(tiny_model_dir: Path, tmp_path: Path) -> No
     base_before = {n: _frozen_state(m) for n, m in four_bit.items()}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable), "only LoRA matrices train"
+    # compute is fp32 on a CPU; TRL's bf16 cast of QLoRA adapters would run every LoRA matmul in emulated bf16
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
 
     trainer.evaluate()  # eval mode without grad: must not switch the base to an inference-only layout
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit.values())
