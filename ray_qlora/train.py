@@ -170,7 +170,7 @@ def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eva
     """SFTTrainer over a 4-bit base with LoRA attached; the one place a trial's model is built."""
     from trl import SFTTrainer
 
-    from ray_qlora.modeling import attach_lora, compute_dtype_name, load_4bit_base, load_tokenizer
+    from ray_qlora.modeling import attach_lora, load_4bit_base, load_tokenizer
     from ray_qlora.plan import shape_from_config
 
     cfg, why = resolve_speed(cfg, shape_from_config(base_path), device)
@@ -183,20 +183,28 @@ def build_trainer(cfg: PipelineConfig, base_path: Path, train_ds: "Dataset", eva
     args = _sft_args(cfg, output_dir, device, packed, checkpoints)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, callbacks=callbacks or [])
-    if compute_dtype_name(cfg.model.quantization, device) == "float32":
-        _adapters_to_fp32(trainer.model)
+    _adapters_to_fp32(trainer.model)
     return trainer
 
 
 def _adapters_to_fp32(model: Any) -> None:
-    """Undo SFTTrainer's bf16 cast of a quantized model's LoRA weights where the base computes in fp32.
+    """Keep the LoRA weights in fp32 (master weights), undoing SFTTrainer's bf16 cast of QLoRA adapters.
 
-    TRL casts QLoRA adapters to bf16 (the paper's GPU recipe, where compute is
-    bf16 too). With fp32 compute, the CPU default, peft then runs every LoRA
-    matmul in bf16, which CPUs without native bf16 emulate: on SmolLM2-135M
-    with an AVX2 CPU, the LoRA matmuls alone took a quarter of a 22 s step.
-    The optimizer does not exist yet (``train()`` builds it), so it sees fp32
-    parameters from the start.
+    TRL casts a quantized model's adapters to bf16 (the QLoRA paper's recipe).
+    Three things go wrong with that here:
+
+    - resume: a checkpoint's adapter comes back through peft's ``load_adapter``,
+      which upcasts it to fp32, so a trial resumed after a rung pause, a dead
+      worker or ``tune --resume`` would go on in another dtype than the run it
+      continues (measured: its losses drift from the first resumed step);
+    - CPU: compute is fp32 there, and peft would run every LoRA matmul in bf16,
+      which CPUs without native bf16 emulate (a quarter of a 22 s demo step);
+    - bf16 weights round away Adam updates below 1/256 of a weight, which the
+      tail of a cosine schedule makes.
+
+    With bf16 compute on a GPU, the Trainer's autocast still runs the LoRA
+    matmuls in bf16; the planner already counts adapters at fp32. The optimizer does not exist yet
+    (``train()`` builds it), so it sees fp32 parameters from the start.
     """
     import torch
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from ray_qlora.config import parse_config
@@ -78,3 +80,52 @@ def test_base_frozen_adapter_trained(tiny_model_dir: Path, tmp_path: Path) -> No
     # lora_A starts random and lora_B at zero: after a few steps both move
     assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
     assert len(changed) == len(trainable)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_resume_goes_on_as_the_uninterrupted_run(device: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A trial resumed from its step-2 checkpoint trains steps 3-4 as the run that never stopped.
+
+    bf16 compute (the GPU recipe's dtype; on a CPU too): TRL casts QLoRA
+    adapters to bf16, while peft loads a checkpoint's adapter back as fp32, so
+    a resumed trial would train in another dtype unless adapters stay fp32
+    (the losses then differ by about 1e-5 relative from step 3).
+    """
+    from transformers import TrainerCallback
+
+    class Losses(TrainerCallback):
+        def __init__(self) -> None:
+            self.by_step: dict[int, float] = {}
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if logs and "loss" in logs:
+                self.by_step[state.global_step] = logs["loss"]
+
+    cfg = parse_config({
+        "run": {"output_uri": str(tmp_path)}, "data": {"input_uris": ["unused"]},
+        "model": {"base": str(tiny_model_dir), "quantization": {"compute_dtype": "bfloat16"}},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must come back too
+        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "eval_steps": 2, "logging_steps": 1,
+                     "warmup_ratio": 0.0},
+    })
+    checkpoint = tmp_path / "step2"
+
+    class KeepStep2(TrainerCallback):
+        def on_save(self, args, state, control, **kw):  # noqa: ANN001
+            if state.global_step == 2:  # save_total_limit=1 deletes it once step 4 is saved
+                shutil.copytree(Path(args.output_dir) / "checkpoint-2", checkpoint)
+
+    whole, resumed = Losses(), Losses()
+    first = build_trainer(cfg, tiny_model_dir, _dataset(), _dataset(4), str(tmp_path / "a"), device,
+                          [whole, KeepStep2()], checkpoints=True)
+    first.train()
+    second = build_trainer(cfg, tiny_model_dir, _dataset(), _dataset(4), str(tmp_path / "b"), device, [resumed],
+                           checkpoints=True)
+    second.train(resume_from_checkpoint=str(checkpoint))
+
+    assert sorted(whole.by_step) == [1, 2, 3, 4] and sorted(resumed.by_step) == [3, 4]
+    # exact on a CPU; the margin leaves room for GPU kernels that need not repeat bit for bit
+    assert [resumed.by_step[s] for s in (3, 4)] == pytest.approx([whole.by_step[s] for s in (3, 4)], rel=1e-6)
+    for model in (first.model, second.model):
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
