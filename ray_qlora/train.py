@@ -203,8 +203,9 @@ def _adapters_to_fp32(model: Any) -> None:
       tail of a cosine schedule makes.
 
     With bf16 compute on a GPU, the Trainer's autocast still runs the LoRA
-    matmuls in bf16; the planner already counts adapters at fp32. The optimizer does not exist yet
-    (``train()`` builds it), so it sees fp32 parameters from the start.
+    matmuls in bf16; the planner already counts adapters at fp32. The
+    optimizer does not exist yet (``train()`` builds it), so it sees fp32
+    parameters from the start.
     """
     import torch
 
