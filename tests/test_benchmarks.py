@@ -133,3 +133,9 @@ def test_adapters_served_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: A
     assert (one["adapters"], three["adapters"]) == (1, 3) and one["base_bytes"] == three["base_bytes"]
     assert three["total_bytes"] == three["predicted_bytes"] == one["base_bytes"] + 3 * out["per_adapter_bytes"]
     assert out["per_adapter_bytes"] > 0 and "memory is base + N x adapter (exactly)" in capsys.readouterr().out
+
+
+def test_model_download_smoke(capsys) -> None:  # noqa: ANN001
+    out = _load("model_download").main(["--mib", "4", "--repeats", "1"])  # it checks the bytes of every copy
+    assert len(out["seconds"]) == 2 and all(s > 0 for s in out["seconds"].values())
+    assert out["ratio"] > 0 and "ratio copy_dir_from / default" in capsys.readouterr().out

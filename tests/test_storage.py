@@ -42,3 +42,21 @@ def test_roundtrip_list_and_copy(kind: str, tmp_path: Path, request: pytest.Fixt
     assert (local / "two.txt").read_bytes() == b"hi"
     with pytest.raises(FileNotFoundError):
         storage.list_files(storage.join(root, "missing"), CFG)
+
+
+def test_copy_dir_from_s3_spans_many_reads_intact(local_s3, tmp_path: Path,  # noqa: ANN001
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file several read-chunks long (and not a multiple of one) comes down byte for byte."""
+    import os
+
+    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 64 * 1024)
+    local_s3.create_bucket("storage-chunks")
+    up = tmp_path / "up"
+    up.mkdir()
+    payload = os.urandom(5 * 64 * 1024 + 123)
+    (up / "model.safetensors").write_bytes(payload)
+    (up / "config.json").write_text("{}")
+    storage.copy_dir_to(up, "s3://storage-chunks/m", CFG)
+    down = storage.copy_dir_from("s3://storage-chunks/m", tmp_path / "down", CFG)
+    assert (down / "model.safetensors").read_bytes() == payload
+    assert (down / "config.json").read_text() == "{}"
