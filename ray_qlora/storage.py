@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from ray_qlora.config import StorageConfig
 
 __all__ = [
+    "COPY_CHUNK_BYTES",
     "RunPaths",
     "copy_dir_from",
     "copy_dir_to",
