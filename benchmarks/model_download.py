@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     store = start_local_s3()
+    saved = {k: os.environ.get(k) for k in store.env()}  # use_local_s3 repoints the whole process
     try:
         use_local_s3(store)
         store.create_bucket("bench-download")
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     (dest / "model.safetensors").unlink()
     finally:
         store.stop()
+        for k, v in saved.items():  # so a caller's own store (a test session's) is found again
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     medians = {k: statistics.median(v) for k, v in times.items()}
     base, ours = medians.values()
     for name, secs in medians.items():

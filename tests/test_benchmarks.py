@@ -136,6 +136,11 @@ def test_adapters_served_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: A
 
 
 def test_model_download_smoke(capsys) -> None:  # noqa: ANN001
+    import os
+
+    before = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     out = _load("model_download").main(["--mib", "4", "--repeats", "1"])  # it checks the bytes of every copy
+    assert {k: v for k, v in os.environ.items() if k.startswith("AWS_")} == before, \
+        "its own S3 server, once stopped, must not stay this process's endpoint"
     assert len(out["seconds"]) == 2 and all(s > 0 for s in out["seconds"].values())
     assert out["ratio"] > 0 and "ratio copy_dir_from / default" in capsys.readouterr().out
