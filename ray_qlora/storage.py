@@ -47,6 +47,7 @@ __all__ = [
 # 32 MiB keeps most of that gain while bounding the buffers of parallel copies.
 COPY_CHUNK_BYTES = 32 * 2**20
 
+
 def endpoint_url(cfg: StorageConfig) -> str | None:
     """The S3 endpoint: the config's, else AWS_ENDPOINT_URL (the variable boto3 reads too)."""
     return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
