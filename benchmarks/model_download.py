@@ -30,6 +30,13 @@ def _timed_copy(copy: Any, dest: Path) -> float:
     return time.perf_counter() - started
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
@@ -38,8 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ray_qlora.local_s3 import start_local_s3, use_local_s3
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mib", type=int, default=256, help="size of the file downloaded")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mib", type=_positive, default=256, help="size of the file downloaded")
+    ap.add_argument("--repeats", type=_positive, default=3)
     args = ap.parse_args(argv)
 
     store = start_local_s3()
