@@ -2,7 +2,7 @@
 # A local multi-node Ray cluster on one machine (a head + N worker nodes, each
 # its own raylet), token auth on, to try `ray job submit` as on a real cluster:
 #   cluster/local-cluster.sh up 2     # head + 2 workers; prints what to export and the submit command
-#   cluster/local-cluster.sh down     # stops this cluster's processes only
+#   cluster/local-cluster.sh down     # stops this cluster's processes only; returns once they are gone
 # (`start` and `stop` are aliases of `up` and `down`.)
 #
 # The nodes run the project's virtualenv: its `ray`, and its bin/ first on PATH,
@@ -57,23 +57,36 @@ print(" ".join(str(pid) for pid in sorted(found)))
 EOF
 }
 
+# Sends signal $1 to the cluster's processes, and to each one that appears
+# meanwhile (a node being stopped may still start a worker), once each, until
+# none is left or $2 half-seconds have passed; fails if some are left.
+signal_until_gone() {
+  local sig=$1 sent=" " pids pid
+  for _ in $(seq 1 "$2"); do
+    pids=$(cluster_pids)
+    [[ -z "$pids" ]] && return 0
+    for pid in $pids; do
+      if [[ "$sent" != *" $pid "* ]]; then
+        kill "-$sig" "$pid" 2>/dev/null || true
+        sent+="$pid "
+      fi
+    done
+    sleep 0.5
+  done
+  [[ -z "$(cluster_pids)" ]]
+}
+
 down() {
-  local pids
-  pids=$(cluster_pids)
-  if [[ -z "$pids" ]]; then
+  if [[ -z "$(cluster_pids)" ]]; then
     echo "no Ray processes under $RAY_TEMP_DIR"
     return 0
   fi
-  # shellcheck disable=SC2086
-  kill -TERM $pids 2>/dev/null || true
-  for _ in $(seq 1 20); do
-    pids=$(cluster_pids)
-    [[ -z "$pids" ]] && break
-    sleep 0.5
-  done
-  if [[ -n "$pids" ]]; then
-    # shellcheck disable=SC2086
-    kill -KILL $pids 2>/dev/null || true
+  # SIGTERM lets the nodes shut down cleanly; what is still there after 10 s
+  # gets SIGKILL, and `down` returns only once it is gone (SIGKILL is not
+  # instant either), so a check or an `up` right after finds nothing left.
+  if ! signal_until_gone TERM 20 && ! signal_until_gone KILL 20; then
+    echo "processes still running under $RAY_TEMP_DIR after SIGKILL: $(cluster_pids)" >&2
+    return 1
   fi
   echo "cluster under $RAY_TEMP_DIR stopped"
 }

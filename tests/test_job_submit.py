@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,3 +150,41 @@ def test_readme_job_on_the_local_cluster(cluster: dict, local_s3, tiny_model_dir
     resp = httpx.post(url, timeout=60, json=body, headers={"Authorization": "Bearer job-key-1"})
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+# A raylet's stand-in: names the temp dir, shrugs off SIGTERM and keeps starting
+# workers (`sleep`s whose argv[0] names the temp dir) until it is killed.
+_SUPERVISOR = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    subprocess.Popen([sys.argv[1] + "/worker", "600"], executable="sleep")
+    time.sleep(0.05)
+"""
+
+
+def test_down_stops_a_supervisor_that_keeps_starting_workers() -> None:
+    """`down` returns only when every process of the cluster is gone.
+
+    CI once found a Ray worker still alive right after `down`: started while
+    the nodes were being stopped, it was missed by the last look before the
+    SIGKILL (or still dying from it).
+    """
+    temp = tempfile.mkdtemp(prefix="rq-down-")
+    env = {**os.environ, "RAY_TEMP_DIR": temp, "VENV": str(BIN.parent)}
+    supervisor = subprocess.Popen([sys.executable, "-c", _SUPERVISOR, temp], stdout=subprocess.PIPE, text=True)
+    try:
+        assert supervisor.stdout is not None and supervisor.stdout.readline().strip() == "ready"
+        r = subprocess.run([SCRIPT, "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and f"cluster under {temp} stopped" in r.stdout, r.stdout + r.stderr
+        left = _cluster_processes(temp)
+        assert not left, [(p.pid, p.info["cmdline"]) for p in left]
+        assert supervisor.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for p in _cluster_processes(temp):
+            p.kill()
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+        shutil.rmtree(temp, ignore_errors=True)
