@@ -42,17 +42,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from ray_qlora import storage
     from ray_qlora.config import StorageConfig
-    from ray_qlora.local_s3 import start_local_s3, use_local_s3
+    from ray_qlora.local_s3 import local_s3_in_env
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=_positive, default=256, help="size of the file downloaded")
     ap.add_argument("--repeats", type=_positive, default=3)
     args = ap.parse_args(argv)
 
-    store = start_local_s3()
-    saved = {k: os.environ.get(k) for k in store.env()}  # use_local_s3 repoints the whole process
-    try:
-        use_local_s3(store)
+    # its own server: local_s3_in_env points the whole process at it, and back afterwards
+    with local_s3_in_env() as store:
         store.create_bucket("bench-download")
         cfg, uri = StorageConfig(endpoint_url=store.endpoint_url), "s3://bench-download/model"
         with tempfile.TemporaryDirectory() as tmp:
@@ -78,13 +76,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     got = hashlib.sha256((dest / "model.safetensors").read_bytes()).hexdigest()
                     assert got == digest, f"{name}: downloaded bytes differ"
                     (dest / "model.safetensors").unlink()
-    finally:
-        store.stop()
-        for k, v in saved.items():  # so a caller's own store (a test session's) is found again
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     medians = {k: statistics.median(v) for k, v in times.items()}
     base, ours = medians.values()
     for name, secs in medians.items():

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
-__all__ = ["LocalS3", "free_port", "start_local_s3", "use_local_s3"]
+__all__ = ["LocalS3", "free_port", "local_s3_in_env", "start_local_s3", "use_local_s3"]
 
 
 def free_port() -> int:
@@ -72,3 +74,25 @@ def start_local_s3(port: int | None = None, timeout: float = 30.0) -> LocalS3:
 def use_local_s3(store: LocalS3) -> None:
     """Point this process (and the Ray workers it starts) at the store."""
     os.environ.update(store.env())
+
+
+@contextmanager
+def local_s3_in_env() -> Iterator[LocalS3]:
+    """A store that this process points at while the block runs.
+
+    Afterwards the server is stopped and the AWS_* variables are what they were,
+    so a caller's own store (a test session's, say) is found again rather than
+    the dead port of this one.
+    """
+    store = start_local_s3()
+    saved = {k: os.environ.get(k) for k in store.env()}
+    try:
+        use_local_s3(store)
+        yield store
+    finally:
+        store.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -83,18 +83,10 @@ def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def local_s3() -> Iterator["object"]:
-    from ray_qlora.local_s3 import start_local_s3, use_local_s3
+    from ray_qlora.local_s3 import local_s3_in_env
 
-    store = start_local_s3()
-    saved = {k: os.environ.get(k) for k in store.env()}
-    use_local_s3(store)
-    yield store
-    store.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_s3_in_env() as store:
+        yield store
 
 
 @pytest.fixture(scope="module")
