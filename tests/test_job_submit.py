@@ -54,8 +54,9 @@ def _cluster_processes(temp: str) -> list[psutil.Process]:
     """Live processes of the cluster rooted at ``temp``.
 
     Zombies are left out: they have exited, and an orphan's is reaped by init
-    when init gets to it (seen once in CI: the job's `python -u` entrypoint,
-    orphaned when `down` stopped its supervisor).
+    when init gets to it. (A `python -u` that CI once found here alive, then a
+    zombie, was a Ray worker starting while the nodes stopped: `down` now
+    signals late arrivals and waits for them to be gone.)
     """
     return [p for p in psutil.process_iter(["cmdline", "status"])
             if p.info["status"] != psutil.STATUS_ZOMBIE and any(temp in arg for arg in (p.info["cmdline"] or []))]
