@@ -54,9 +54,8 @@ def _cluster_processes(temp: str) -> list[psutil.Process]:
     """Live processes of the cluster rooted at ``temp``.
 
     Zombies are left out: they have exited, and an orphan's is reaped by init
-    when init gets to it. (A `python -u` that CI once found here alive, then a
-    zombie, was a Ray worker starting while the nodes stopped: `down` now
-    signals late arrivals and waits for them to be gone.)
+    when init gets to it. (CI once found a Ray `python -u` process here alive,
+    a zombie a moment later: `down` had returned right after its SIGKILL.)
     """
     return [p for p in psutil.process_iter(["cmdline", "status"])
             if p.info["status"] != psutil.STATUS_ZOMBIE and any(temp in arg for arg in (p.info["cmdline"] or []))]
@@ -168,9 +167,9 @@ while True:
 def test_down_stops_a_supervisor_that_keeps_starting_workers() -> None:
     """`down` returns only when every process of the cluster is gone.
 
-    CI once found a Ray worker still alive right after `down`: started while
-    the nodes were being stopped, it was missed by the last look before the
-    SIGKILL (or still dying from it).
+    CI once found a Ray `python -u` process (a log monitor, an agent or a
+    worker) still alive right after `down`: `down` returned as soon as it had
+    sent SIGKILL, and never looked again for processes started meanwhile.
     """
     temp = tempfile.mkdtemp(prefix="rq-down-")
     env = {**os.environ, "RAY_TEMP_DIR": temp, "VENV": str(BIN.parent)}
