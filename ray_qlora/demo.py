@@ -16,7 +16,7 @@ from typing import Any
 from ray_qlora import storage
 from ray_qlora.config import load_config
 from ray_qlora.data.sample import sample_files
-from ray_qlora.local_s3 import start_local_s3, use_local_s3
+from ray_qlora.local_s3 import local_s3_in_env
 
 __all__ = ["ask", "demo", "upload_sample"]
 
@@ -60,29 +60,28 @@ def demo(config_path: str, keep_dir: str = ".demo") -> dict[str, Any]:
     from ray_qlora.pipeline import run_pipeline
 
     started = time.time()
-    store = start_local_s3()
-    use_local_s3(store)
-    print(f"local S3 at {store.endpoint_url}", flush=True)
-    try:
-        cfg = load_config(config_path)
-        bucket = cfg.run.output_uri.removeprefix("s3://").split("/")[0]
-        store.create_bucket(bucket)
-        for uri in cfg.data.input_uris:
-            print("uploaded", ", ".join(upload_sample(uri, cfg.storage)), flush=True)
-        run = run_pipeline(cfg)
-        served = run.output("serve")
-        answer = ask(served["base_url"], served["model"], cfg.data.system_prompt, DEMO_QUESTION)
-        report = run.output("evaluate")
-        tune_res = run.output("tune")
-        out = Path(keep_dir) / run.run_id
-        _keep_locally(run.paths.root, out, cfg.storage)
-        print("\n=== best trial", json.dumps(tune_res["best_params"]), f"eval_loss={tune_res['best_eval_loss']:.4f}")
-        print(f"\n=== base vs tuned on {report['examples']} held-out orders\n{report['table']}")
-        print(f"\n=== POST {served['base_url']}/chat/completions\nuser: {DEMO_QUESTION}\nassistant: {answer}")
-        print(f"\nreport, plots and run.json copied to {out}/  ({time.time() - started:.0f}s in all)")
-        return {"run_id": run.run_id, "answer": answer, "report": report, "local_copy": str(out)}
-    finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
-        store.stop()
+    with local_s3_in_env() as store:  # stopped, and this process pointed back, when the demo ends
+        print(f"local S3 at {store.endpoint_url}", flush=True)
+        try:
+            cfg = load_config(config_path)
+            bucket = cfg.run.output_uri.removeprefix("s3://").split("/")[0]
+            store.create_bucket(bucket)
+            for uri in cfg.data.input_uris:
+                print("uploaded", ", ".join(upload_sample(uri, cfg.storage)), flush=True)
+            run = run_pipeline(cfg)
+            served = run.output("serve")
+            answer = ask(served["base_url"], served["model"], cfg.data.system_prompt, DEMO_QUESTION)
+            report = run.output("evaluate")
+            tune_res = run.output("tune")
+            out = Path(keep_dir) / run.run_id
+            _keep_locally(run.paths.root, out, cfg.storage)
+            print("\n=== best trial", json.dumps(tune_res["best_params"]),
+                  f"eval_loss={tune_res['best_eval_loss']:.4f}")
+            print(f"\n=== base vs tuned on {report['examples']} held-out orders\n{report['table']}")
+            print(f"\n=== POST {served['base_url']}/chat/completions\nuser: {DEMO_QUESTION}\nassistant: {answer}")
+            print(f"\nreport, plots and run.json copied to {out}/  ({time.time() - started:.0f}s in all)")
+            return {"run_id": run.run_id, "answer": answer, "report": report, "local_copy": str(out)}
+        finally:
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
