@@ -445,6 +445,14 @@ class ExportConfig(_Strict):
     ollama: bool = Field(True, description="Write an Ollama Modelfile next to the merged model and in the adapter.")
 
 
+# How often a Ray Serve replica pushes its load to the autoscaler
+# (ray.serve.config.DEFAULT_METRICS_INTERVAL_S; a test pins it to the installed
+# Ray). A look-back window no longer than this averages one stale push or
+# none; Ray 2.60 only warns, in the controller's log, and says a later release
+# will refuse it.
+SERVE_METRICS_PUSH_INTERVAL_S = 10.0
+
+
 class AutoscalingConfig(_Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 frees the GPU when idle (the next "
                                                    "request waits for a replica to load).")
@@ -453,7 +461,19 @@ class AutoscalingConfig(_Strict):
                                                                   "aims at; lower adds replicas sooner.")
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before a replica is added.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before one is removed.")
-    look_back_period_s: float = Field(30.0, gt=0, description="Window the ongoing-request average is taken over.")
+    look_back_period_s: float = Field(
+        30.0, gt=SERVE_METRICS_PUSH_INTERVAL_S,
+        description="Window the ongoing-request average is taken over; longer than the 10 s at which replicas "
+                    "report their load.")
+
+    @field_validator("look_back_period_s", mode="before")
+    @classmethod
+    def _longer_than_a_push(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= SERVE_METRICS_PUSH_INTERVAL_S:
+            raise ValueError(f"must be greater than {SERVE_METRICS_PUSH_INTERVAL_S:g} s, the interval at which "
+                             f"Ray Serve replicas report their load (got {v:g}); a shorter window averages "
+                             f"one stale report or none")
+        return v
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":

@@ -75,6 +75,30 @@ def test_serve_scaling_modes_exclude_each_other() -> None:
         parse_config(_with(serve={"autoscaling": {"min_replicas": 3, "max_replicas": 2}}))
 
 
+def test_autoscaling_window_must_span_a_load_report() -> None:
+    """Ray Serve only warns, in the controller's log, about a window its replicas' reports cannot fill."""
+    with pytest.raises(ConfigError, match=r"serve\.autoscaling\.look_back_period_s: must be greater than 10 s"):
+        parse_config(_with(serve={"autoscaling": {"look_back_period_s": 10}}))
+    ok = parse_config(_with(serve={"autoscaling": {"look_back_period_s": 10.5}}))
+    assert ok.serve.autoscaling.look_back_period_s == 10.5
+
+
+def test_the_window_bound_is_the_installed_ray_serves() -> None:
+    """The bound copies Ray's rule: Ray warns exactly where the config refuses, and a Ray that moves it fails here."""
+    import warnings
+
+    from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
+
+    from ray_qlora.config import SERVE_METRICS_PUSH_INTERVAL_S
+
+    assert RayAutoscalingConfig().metrics_interval_s == SERVE_METRICS_PUSH_INTERVAL_S
+    with pytest.warns(FutureWarning, match="look_back_period_s"):
+        RayAutoscalingConfig(look_back_period_s=SERVE_METRICS_PUSH_INTERVAL_S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        RayAutoscalingConfig(look_back_period_s=SERVE_METRICS_PUSH_INTERVAL_S + 0.5)
+
+
 def test_env_expansion_and_missing_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("run: {output_uri: '${OUT_URI}'}\ndata: {input_uris: ['${IN_URI:-/data}']}\n")

@@ -131,7 +131,7 @@ def test_prometheus_metrics_count_requests_by_status(serve_port: int, tiny_model
 def test_autoscaling_goes_up_under_load_and_back_down(serve_port: int, tiny_model_dir: Path, tmp_path: Path) -> None:
     base = _deploy(tiny_model_dir, serve_port, "scaling-app", tmp_path, autoscaling={
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-        "downscale_delay_s": 3, "look_back_period_s": 2})
+        "downscale_delay_s": 3, "look_back_period_s": 11})  # the shortest window the config accepts
     assert _running_replicas("scaling-app") == 1
     stop = threading.Event()
 
