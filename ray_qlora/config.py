@@ -462,14 +462,13 @@ class AutoscalingConfig(_Strict):
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before a replica is added.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before one is removed.")
     look_back_period_s: float = Field(
-        30.0, gt=SERVE_METRICS_PUSH_INTERVAL_S,
-        description="Window the ongoing-request average is taken over; longer than the 10 s at which replicas "
-                    "report their load.")
+        30.0, description="Window the ongoing-request average is taken over; longer than the 10 s at which "
+                          "replicas report their load.")
 
-    @field_validator("look_back_period_s", mode="before")
+    @field_validator("look_back_period_s")
     @classmethod
-    def _longer_than_a_push(cls, v: Any) -> Any:
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= SERVE_METRICS_PUSH_INTERVAL_S:
+    def _longer_than_a_push(cls, v: float) -> float:
+        if v <= SERVE_METRICS_PUSH_INTERVAL_S:
             raise ValueError(f"must be greater than {SERVE_METRICS_PUSH_INTERVAL_S:g} s, the interval at which "
                              f"Ray Serve replicas report their load (got {v:g}); a shorter window averages "
                              f"one stale report or none")
