@@ -2,10 +2,11 @@
 
 Variables exported in the shell that runs `ray job submit` do not reach the
 job: only the runtime env's `env_vars` do. This adds to the file's env_vars
-every variable the config refers to (`${NAME}`, `${NAME:-default}`) that is
-set here, every RAY_QLORA_* variable set here (e.g. RAY_QLORA_API_KEYS), and
-the extra NAMEs given; a `${NAME}` without default that is not set is an
-error now rather than in the job.
+every variable the config's values refer to (`${NAME}`, `${NAME:-default}`;
+not those in comments, which the job ignores too) that is set here, every
+RAY_QLORA_* variable set here (e.g. RAY_QLORA_API_KEYS), and the extra NAMEs
+given; a `${NAME}` without default that is not set is an error now rather
+than in the job.
 
     ray job submit --address http://HEAD:8265 --working-dir . \\
       --runtime-env-json "$(python jobs/runtime_env.py jobs/configs/cluster.yaml)" -- \\
@@ -22,24 +23,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
-BASE = Path(__file__).resolve().parent / "runtime_env.yaml"
-_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout, where ray_qlora may not be installed
+from ray_qlora import env_refs  # noqa: E402  (standard library only: safe without the package's deps)
+
+BASE = ROOT / "jobs" / "runtime_env.yaml"
 
 
 def runtime_env(config: Path, extra: list[str], base: Path = BASE) -> dict:
     env = yaml.safe_load(base.read_text()) or {}
     env_vars = dict(env.get("env_vars") or {})
     missing = []
-    for name, default in _REF.findall(config.read_text()):
+    try:
+        data = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"error: cannot read the config {config}: {err}") from None
+    for _key, name, default in env_refs.references(data):
         if name in os.environ:
             env_vars[name] = os.environ[name]
-        elif not default:
+        elif default is None:
             missing.append(name)
     env_vars.update({k: v for k, v in os.environ.items() if k.startswith("RAY_QLORA_")})
     for name in extra:

@@ -8,13 +8,13 @@ here: S3 credentials come from the environment (see ``storage.py``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_qlora import env_refs
 from ray_qlora.errors import UserError
 
 __all__ = [
@@ -613,22 +613,6 @@ def parse_config(data: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(_format_errors(err)) from None
 
 
-def _expand_env(text: str) -> str:
-    """${VAR} and ${VAR:-default} in the YAML, so one file serves laptop and cluster."""
-    import re
-
-    def repl(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(3)
-        val = os.environ.get(name)
-        if val is None:
-            if default is None:
-                raise ConfigError(f"invalid config: environment variable {name} is not set (used as ${{{name}}})")
-            return default
-        return val
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", repl, text)
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["training.learning_rate=1e-4", ...]`` (the CLI's --set) -> {dotted key: value parsed as YAML}."""
     out: dict[str, Any] = {}
@@ -644,14 +628,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a YAML config file (with ${ENV} expansion), apply --set overrides, and validate it."""
+    """Read a YAML config file, replace ${ENV} references in its values, apply --set overrides, and validate it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(_expand_env(p.read_text()))
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid config: {p} is not valid YAML: {err}") from None
     if not isinstance(data or {}, dict):
         raise ConfigError(f"invalid config: the top level of {p} must be a mapping")
-    return parse_config(_apply_overrides(data or {}, parse_overrides(overrides or [])))
+    try:
+        data = env_refs.expand(data or {})
+    except env_refs.UnsetVariable as err:
+        raise ConfigError(f"invalid config: {err}") from None
+    return parse_config(_apply_overrides(data, parse_overrides(overrides or [])))

@@ -43,7 +43,8 @@ data: {{input_uris: ["s3://my-bucket/raw/"]}}
 ```
 
 - Unknown keys are rejected, and every error names the dotted key to fix.
-- `${{VAR}}` and `${{VAR:-default}}` in the file are replaced from the environment.
+- `${{VAR}}` and `${{VAR:-default}}` in values are replaced from the environment (not in comments);
+  a value that is one reference and comes out empty is `null`.
 - Any key can be overridden on the command line: `--set training.learning_rate=1e-4`.
 - `ray-qlora validate CONFIG` checks a file; `ray-qlora config-schema` prints the JSON schema
   (for editors and CI).

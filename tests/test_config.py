@@ -106,7 +106,48 @@ def test_env_expansion_and_missing_variable(tmp_path: Path, monkeypatch: pytest.
     cfg = load_config(f)
     assert (cfg.run.output_uri, cfg.data.input_uris) == ("s3://b/o", ["/data"])
     monkeypatch.delenv("OUT_URI")
-    with pytest.raises(ConfigError, match="OUT_URI"):
+    with pytest.raises(ConfigError, match=r"run\.output_uri: environment variable OUT_URI is not set"):
+        load_config(f)
+
+
+def test_env_references_in_comments_are_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commented-out line is not configuration: its variable need not be set, nor replaced."""
+    monkeypatch.delenv("NEVER_SET", raising=False)
+    f = tmp_path / "c.yaml"
+    f.write_text("run: {output_uri: /tmp/out}  # or ${NEVER_SET}\n"
+                 "# model: {base: ${NEVER_SET}}\n"
+                 "data: {input_uris: [/tmp/data]}\n")
+    assert load_config(f).run.output_uri == "/tmp/out"
+
+
+@pytest.mark.parametrize("value", ["s3://b/run #1", "s3://b/a: b", "s3://b/'q\"", "s3://b/x\nlora: {r: 1}"])
+def test_env_values_stay_one_string_whatever_they_hold(value: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """YAML's own characters in a variable can neither cut the value short nor add keys."""
+    monkeypatch.setenv("OUT_URI", value)
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  output_uri: ${OUT_URI}\ndata: {input_uris: ['${OUT_URI}/raw']}\n")
+    cfg = load_config(f)
+    assert (cfg.run.output_uri, cfg.data.input_uris, cfg.lora.r) == (value, [value + "/raw"], 16)
+
+
+def test_env_values_take_their_fields_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("run: {output_uri: /tmp/out}\ndata: {input_uris: [/tmp/data]}\n"
+                 "storage: {endpoint_url: '${EP:-}'}\nlora: {r: '${R:-8}', alpha: '${ALPHA}'}\n"
+                 "training:\n  learning_rate: ${LR}\n  gradient_checkpointing: ${GC}\n")
+    monkeypatch.delenv("EP", raising=False)
+    monkeypatch.delenv("R", raising=False)
+    monkeypatch.setenv("ALPHA", "64")
+    monkeypatch.setenv("LR", "1e-4")
+    monkeypatch.setenv("GC", "false")
+    cfg = load_config(f)
+    # an empty single reference is "unset", as `endpoint_url:` with no value would be
+    assert cfg.storage.endpoint_url is None
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.training.learning_rate) == (8, 64, 1e-4)
+    assert cfg.training.gradient_checkpointing is False
+    monkeypatch.setenv("R", "four")
+    with pytest.raises(ConfigError, match=r"lora\.r"):
         load_config(f)
 
 

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from ray_qlora.config import PipelineConfig, _expand_env, load_config, parse_config
+from ray_qlora import env_refs
+from ray_qlora.config import PipelineConfig, load_config, parse_config
 from ray_qlora.config_docs import DOC_PATH, REGENERATE, json_schema, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_schema_accepts_every_shipped_config(path: Path, validator: Any, monkeyp
     """An editor or CI validating a shipped file against the schema agrees with load_config."""
     monkeypatch.setenv("RAY_QLORA_OUTPUT", "s3://bucket/out")
     load_config(path)
-    data = yaml.safe_load(_expand_env(path.read_text()))
+    data = env_refs.expand(yaml.safe_load(path.read_text()))
     errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(data)]
     assert not errors, errors
 
