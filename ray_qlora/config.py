@@ -174,8 +174,9 @@ class LoraConfig(_Strict):
                                                              "small dataset overfits.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        description="Modules that get adapters: 'all-linear', a list of module names, or those names "
-                    "comma-separated (how a search choice gives them).")
+        description="Modules that get adapters: 'all-linear', a list of module names (or dotted suffixes of them, "
+                    "as peft matches), or those names comma-separated (how a search choice gives them). A name "
+                    "the base lacks is refused by `plan` and before any trial.")
 
     @field_validator("target_modules", mode="before")
     @classmethod

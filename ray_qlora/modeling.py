@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ray_qlora.config import ConfigError, LoraConfig, ModelConfig, QuantizationConfig, StorageConfig
+from ray_qlora.config import (ConfigError, LoraConfig, ModelConfig, PipelineConfig, QuantizationConfig, StorageConfig,
+                              tunable_path)
 
 if TYPE_CHECKING:  # heavy imports stay out of CLI start-up
     import torch
@@ -273,6 +274,60 @@ def attach_lora(model: "PreTrainedModel", lora: LoraConfig, gradient_checkpointi
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, peft_cfg)
+
+
+def base_modules(folder: Path, trust_remote_code: bool = False) -> dict[str, str]:
+    """{dotted name: class name} of every module of the model in ``folder``, built on the meta device
+    (no weights read and no memory taken, whatever the base's size)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.base: {folder} is not a causal language model transformers can build: {err}") \
+            from None
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def unmatched_targets(targets: str | list[str], names: list[str]) -> list[str]:
+    """The LoRA targets that match no module name, by peft's rule: the name itself, or a dotted suffix of it.
+
+    The rule is peft's ``check_target_module_exists`` for a list of names;
+    importing peft here would import bitsandbytes, whose CPU backend logs a
+    warning into `ray-qlora plan` (tests/test_plan.py checks the two agree).
+    """
+    if targets == "all-linear":
+        return []
+    return [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+
+
+def check_lora_targets(cfg: PipelineConfig, folder: Path) -> None:
+    """Refuse LoRA targets the base lacks, in ``lora`` and in every search choice, before any trial.
+
+    peft fails only when no target matches; a misspelt name next to a right
+    one (``[q_proj, v_prj]``) is skipped in silence and trains fewer layers
+    than asked. A hub id (no local config.json) is left to peft.
+    """
+    if not (folder / "config.json").is_file():
+        return
+    asked: list[tuple[str, str | list[str]]] = [("lora.target_modules", cfg.lora.target_modules)]
+    for key, dim in cfg.tune.search_space.items():
+        if tunable_path(key) == ("lora", "target_modules"):
+            asked += [(f"tune.search_space.{key} ({value!r})",
+                       cfg.with_overrides({"lora.target_modules": value}).lora.target_modules)
+                      for value in dim.examples()]
+    if all(targets == "all-linear" for _, targets in asked):
+        return
+    modules = base_modules(folder, cfg.model.trust_remote_code)
+    for key, targets in asked:
+        missing = unmatched_targets(targets, list(modules))
+        if missing:
+            layers = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind == "Linear"})
+            raise ConfigError(f"{key}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a module of "
+                              f"{cfg.model.base}; its linear layers are {', '.join(layers)}")
 
 
 def load_16bit(path: Path | str, dtype: str, device: str, trust_remote_code: bool = False) -> "PreTrainedModel":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,10 @@ class Plan:
 
 
 def _lora_params(shape: ModelShape, r: int, targets: str | list[str]) -> int:
-    chosen = LINEAR_NAMES if targets == "all-linear" else [t for t in LINEAR_NAMES if t in targets]
+    if targets == "all-linear":
+        chosen: Sequence[str] = LINEAR_NAMES
+    else:  # "q_proj" or a longer suffix of a module's name, "self_attn.q_proj" (peft matches both)
+        chosen = [n for n in LINEAR_NAMES if any(t == n or t.endswith("." + n) for t in targets)]
     return shape.layers * sum(r * (a + b) for name, (a, b) in shape.linear_shapes().items() if name in chosen)
 
 
@@ -270,6 +274,10 @@ def model_shape(cfg: PipelineConfig, params: float | None) -> ModelShape:
 def plan_for_cli(cfg: PipelineConfig, params: float | None, gpu_bytes: float | None) -> CliReport:
     """What `ray-qlora plan` prints: the breakdown for one GPU, or a verdict per common card."""
     shape = model_shape(cfg, params)
+    if params is None:  # the configured base itself: its module names can be checked too
+        from ray_qlora.modeling import check_lora_targets, resolve_base
+
+        check_lora_targets(cfg, resolve_base(cfg.model, cfg.storage))
     head = (f"model: {shape.params / 1e9:.2f}B parameters (hidden {shape.hidden}, {shape.layers} layers, "
             f"vocab {shape.vocab}); LoRA r={cfg.lora.r} on {cfg.lora.target_modules}")
     if gpu_bytes is not None and gpu_bytes <= 0:

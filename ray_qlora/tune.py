@@ -120,7 +120,8 @@ def _callbacks(cfg: PipelineConfig, run: storage.RunPaths) -> list[Any]:
 
 
 def preflight(cfg: PipelineConfig, resources: dict[str, float]) -> dict[str, Any]:
-    """Before any trial: can some node ever hold one, and does its memory plan fit? Raises ConfigError."""
+    """Before any trial: can some node ever hold one, does the base have the LoRA targets, and does the
+    memory plan fit? Raises ConfigError."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -134,11 +135,13 @@ def preflight(cfg: PipelineConfig, resources: dict[str, float]) -> dict[str, Any
             f"{most_cpu:g} CPU and {most_gpu:g} GPU ({len(nodes)} node(s)); lower tune.cpus_per_trial / "
             "tune.gpus_per_trial, add a bigger node, or set tune.cluster_autoscales: true if the cluster "
             "starts such nodes on demand")
+    from ray_qlora.modeling import check_lora_targets, resolve_base
     from ray_qlora.plan import GIB, model_shape, plan_trial
     from ray_qlora.train import resolve_speed
 
     worst = _largest_values(cfg)
     shape = model_shape(worst, None)
+    check_lora_targets(cfg, resolve_base(cfg.model, cfg.storage))
     if need_gpu > 0:
         budget = (cfg.tune.gpu_memory_gb * GIB if cfg.tune.gpu_memory_gb else _gpu_memory(need_gpu))
         if budget is None:

@@ -133,3 +133,58 @@ def test_plan_cli_says_whether_it_fits(capsys) -> None:  # noqa: ANN001
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", "jobs/configs/demo.yaml", "--params", "7e9", "--gpu-memory-gb", "24"]) == 0
     assert "-> fits" in capsys.readouterr().out
+
+
+def _write(tmp_path: Path, model: Path, lora: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run: {{output_uri: {tmp_path}/out}}\ndata: {{input_uris: [{tmp_path}/raw]}}\n"
+                    f"model: {{base: {model}}}\nlora: {lora}\n")
+    return str(path)
+
+
+def test_plan_refuses_lora_targets_the_base_lacks(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from ray_qlora.cli import main
+
+    assert main(["plan", _write(tmp_path, tiny_model_dir, "{target_modules: [q_proj, v_prj]}")]) == 2
+    err = capsys.readouterr().err
+    assert ("lora.target_modules: v_prj is not a module of" in err
+            and "its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in err)
+    # a longer suffix of a module's name is what peft matches too
+    assert main(["plan", _write(tmp_path, tiny_model_dir, "{target_modules: [self_attn.q_proj, v_proj]}")]) == 0
+
+
+def test_a_dotted_target_is_planned_like_its_short_name() -> None:
+    shape = llama_shape(7e9)
+
+    def lora_bytes(targets: list[str]) -> float:
+        cfg = _cfg().with_overrides({"lora.target_modules": targets})
+        return plan_trial(cfg, shape, 24 * GIB).parts["LoRA weights + gradients"]
+
+    assert lora_bytes(["self_attn.q_proj", "mlp.down_proj"]) == lora_bytes(["q_proj", "down_proj"])
+    assert lora_bytes(["q_proj", "down_proj"]) > lora_bytes(["q_proj"]) > 0
+
+
+def test_a_base_transformers_cannot_build_is_one_line(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from ray_qlora.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "config.json").write_text('{"model_type": "no_such_arch", "hidden_size": 8, "intermediate_size": 8, '
+                                       '"num_hidden_layers": 1, "num_attention_heads": 1, "vocab_size": 10}')
+    assert main(["plan", _write(tmp_path, model, "{target_modules: [q_proj]}")]) == 2
+    assert "is not a causal language model transformers can build" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["q_proj", "self_attn.q_proj", "layers.1.mlp.down_proj", "lm_head",
+                                    "input_layernorm", "v_prj", "proj", "_proj", "layers.2.mlp.up_proj"])
+def test_target_matching_agrees_with_peft(target: str, tiny_model_dir: Path) -> None:
+    """Our copy of peft's rule (kept out of peft to spare `plan` importing bitsandbytes) matches peft's."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from ray_qlora.modeling import base_modules, unmatched_targets
+
+    names = list(base_modules(tiny_model_dir))
+    peft_finds = any(check_target_module_exists(PeftLoraConfig(target_modules=[target]), n) for n in names)
+    assert (unmatched_targets([target], names) == []) == peft_finds

@@ -71,9 +71,20 @@ def test_a_trial_that_cannot_fit_in_memory_is_refused_with_the_plan(root: Path, 
     assert not Path(run.paths.root, "trials").exists()
 
 
+def test_lora_targets_the_base_lacks_are_refused_before_any_trial(root: Path, tiny_model_dir: Path) -> None:
+    # peft alone would train q_proj and skip the misspelt v_prj without a word
+    run = _prepared_run(root, tiny_model_dir, "typo", tune={
+        "search_space": {"lora.target_modules": {"values": ["q_proj,v_proj", "q_proj,v_prj"]}}})
+    with pytest.raises(ConfigError, match=r"tune\.search_space\.lora\.target_modules \('q_proj,v_prj'\): v_prj is "
+                                          r"not a module of .*; its linear layers are down_proj, gate_proj, k_proj"):
+        run_stage(run, "tune")
+    assert not Path(run.paths.root, "trials").exists()
+
+
 def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, tiny_model_dir: Path) -> None:
     run = _prepared_run(root, tiny_model_dir, "mixed", tune={
-        "search_space": {"lora.target_modules": {"values": ["q_proj,v_proj", "no_such_proj"]},
+        # input_layernorm exists (so the preflight lets it through) but peft cannot adapt a norm layer
+        "search_space": {"lora.target_modules": {"values": ["q_proj,v_proj", "input_layernorm"]},
                          "lora.r": {"randint": [2, 6]}},
         "max_failures": 0, "mlflow": {"enabled": True, "tracking_uri": f"sqlite:///{root}/mlflow.db",
                                       "experiment": "mixed"}})
@@ -82,8 +93,8 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
     assert [row["status"] for row in board] == ["completed", "error"]  # best first, the failure last
     ok, failed = board
     assert ok["params"]["lora.target_modules"] == "q_proj,v_proj" and 2 <= ok["params"]["lora.r"] <= 6
-    assert failed["params"]["lora.target_modules"] == "no_such_proj"
-    assert "no_such_proj" in failed["error"]  # peft's own message, not a stack trace
+    assert failed["params"]["lora.target_modules"] == "input_layernorm"
+    assert "LlamaRMSNorm" in failed["error"] and "is not supported" in failed["error"]  # peft's own message
     assert result["failed_trials"] == 1 and result["best_params"] == ok["params"]
     assert ok["tokens_per_s"] > 0 and ok["peak_memory_gib"] > 0 and ok["wall_s"] > 0
     csv = Path(run.paths.root, "tune", "leaderboard.csv").read_text().splitlines()
