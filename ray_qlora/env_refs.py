@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -23,38 +23,34 @@ class UnsetVariable(Exception):
     """A ``${NAME}`` without a default whose variable is not set."""
 
     def __init__(self, key: str, name: str) -> None:
-        super().__init__(f"{key or '<root>'}: environment variable {name} is not set (used as ${{{name}}}); "
+        super().__init__(f"{key}: environment variable {name} is not set (used as ${{{name}}}); "
                          f"set it, or give a default: ${{{name}:-...}}")
         self.key, self.name = key, name
 
 
-def _child(key: str, k: Any) -> str:
-    """The dotted key of ``k`` inside ``key``, as config errors name it: ``data.sources[0].uri``."""
-    if isinstance(k, int):
-        return f"{key}[{k}]"
-    return f"{key}.{k}" if key else str(k)
-
-
-def _walk(data: Any, key: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted key, text) for every string value in nested mappings and lists."""
+def _map_strings(data: Any, fn: Callable[[str, str], Any], key: str = "") -> Any:
+    """``data`` rebuilt with ``fn(dotted key, text)`` in place of every string in its mappings and lists;
+    keys are named as config errors name them (``data.sources[0].uri``)."""
     if isinstance(data, Mapping):
-        for k, v in data.items():
-            yield from _walk(v, _child(key, k))
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            yield from _walk(v, _child(key, i))
-    elif isinstance(data, str):
-        yield key, data
+        return {k: _map_strings(v, fn, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_map_strings(v, fn, f"{key}[{i}]") for i, v in enumerate(data)]
+    return fn(key, data) if isinstance(data, str) else data
 
 
-def references(data: Any) -> Iterator[tuple[str, str, str | None]]:
+def references(data: Any) -> list[tuple[str, str, str | None]]:
     """(dotted key, NAME, default or None) for every reference in the values of ``data``."""
-    for key, text in _walk(data):
-        for m in REF.finditer(text):
-            yield key, m.group(1), m.group(2)
+    found: list[tuple[str, str, str | None]] = []
+
+    def note(key: str, text: str) -> str:
+        found.extend((key, m.group(1), m.group(2)) for m in REF.finditer(text))
+        return text
+
+    _map_strings(data, note)
+    return found
 
 
-def expand(data: Any, environ: Mapping[str, str] = os.environ, key: str = "") -> Any:
+def expand(data: Any, environ: Mapping[str, str] = os.environ) -> Any:
     """``data`` with every reference in its string values replaced from ``environ``.
 
     Replaced values are strings; the config's field types turn "4" or "true"
@@ -62,20 +58,17 @@ def expand(data: Any, environ: Mapping[str, str] = os.environ, key: str = "") ->
     out empty becomes null, so ``endpoint_url: ${AWS_ENDPOINT_URL:-}`` means
     "unset", as an empty value would.
     """
-    if isinstance(data, Mapping):
-        return {k: expand(v, environ, _child(key, k)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [expand(v, environ, _child(key, i)) for i, v in enumerate(data)]
-    if not isinstance(data, str) or "${" not in data:
-        return data
 
-    def value(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in environ:
-            return environ[name]
-        if default is None:
-            raise UnsetVariable(key, name)
-        return default
+    def replace(key: str, text: str) -> str | None:
+        def value(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in environ:
+                return environ[name]
+            if default is None:
+                raise UnsetVariable(key, name)
+            return default
 
-    out = REF.sub(value, data)
-    return None if out == "" and REF.fullmatch(data) else out
+        out = REF.sub(value, text)
+        return None if out == "" and REF.fullmatch(text) else out
+
+    return _map_strings(data, replace)
