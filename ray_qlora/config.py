@@ -185,6 +185,13 @@ class LoraConfig(_Strict):
             return [m.strip() for m in v.split(",") if m.strip()]
         return v
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_module(cls, v: str | list[str]) -> str | list[str]:
+        if not v:  # peft would build an adapter with nothing to train
+            raise ValueError("name at least one module, or 'all-linear'")
+        return v
+
 
 class TrainingConfig(_Strict):
     num_epochs: float = Field(1.0, gt=0, description="Passes over the train split (fractions allowed); "

@@ -207,3 +207,9 @@ def test_set_overrides_apply_before_validation(tmp_path) -> None:  # noqa: ANN00
         load_config(path, ["training.lerning_rate=1e-4"])
     with pytest.raises(ConfigError, match="write section.key=value"):
         load_config(path, ["learning_rate"])
+
+
+@pytest.mark.parametrize("modules", [[], " , ", ""])
+def test_lora_targets_must_name_a_module(modules: object) -> None:
+    with pytest.raises(ConfigError, match=r"lora\.target_modules: name at least one module, or 'all-linear'"):
+        parse_config({**MINIMAL, "lora": {"target_modules": modules}})
