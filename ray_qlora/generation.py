@@ -93,10 +93,10 @@ def _stop_criteria(tok: "PreTrainedTokenizerBase", stop: list[str], prompt_len: 
 
 
 def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: float, top_p: float,
-              seed: int | None, stop: list[str] | None, prompt_len: int = 0, extra: list[Any] | None = None
-              ) -> dict[str, Any]:
+              seed: int | None, stop: list[str] | None, prompt_len: int = 0, extra: list[Any] | None = None,
+              grammar: Any = None) -> dict[str, Any]:
     import torch
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
                               "eos_token_id": tok.eos_token_id}
@@ -105,6 +105,10 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
         criteria.append(_stop_criteria(tok, list(stop), prompt_len))
     if criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+    if grammar is not None:  # an xgrammar CompiledGrammar (serve's response_format); its processor is single-use
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        kwargs["logits_processor"] = LogitsProcessorList([LogitsProcessor(grammar)])
     if temperature > 0:
         if seed is not None:
             torch.manual_seed(seed)
@@ -127,8 +131,12 @@ def generate(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", conversat
 
 def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompts: list[str],
                   max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int | None = None, stop: list[str] | None = None) -> list[dict[str, Any]]:
-    """Batched completion of raw prompt texts (what ``generate`` does after the chat template)."""
+                  seed: int | None = None, stop: list[str] | None = None, grammar: Any = None
+                  ) -> list[dict[str, Any]]:
+    """Batched completion of raw prompt texts (what ``generate`` does after the chat template).
+
+    ``grammar``: a compiled xgrammar grammar every row's answer must follow (see serve.structured).
+    """
     import torch
 
     tok.padding_side = "left"  # decoder-only: pad on the left so every row ends at the prompt
@@ -139,7 +147,8 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
                   add_special_tokens=False).to(model.device)
         prompt_len = enc["input_ids"].shape[1]
         with torch.inference_mode():
-            out = model.generate(**enc, **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop, prompt_len))
+            out = model.generate(**enc, **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop, prompt_len,
+                                                    grammar=grammar))
         for row, mask in zip(out, enc["attention_mask"]):
             new = row[prompt_len:].tolist()
             finished = eot in new
@@ -154,7 +163,7 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
 
 def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt: str, max_new_tokens: int,
                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                stop: list[str] | None = None) -> Iterator[dict[str, Any]]:
+                stop: list[str] | None = None, grammar: Any = None) -> Iterator[dict[str, Any]]:
     """One completion, piece by piece: {"text": ...} events, then a last {finish_reason, usage counts}.
 
     Generation runs in a thread feeding a streamer; a stop sequence ends it
@@ -179,7 +188,7 @@ def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt
         with torch.inference_mode():
             result["ids"] = model.generate(**enc, streamer=streamer,
                                            **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop,
-                                                       enc["input_ids"].shape[1], [_Cancelled()]))
+                                                       enc["input_ids"].shape[1], [_Cancelled()], grammar))
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()

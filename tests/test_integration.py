@@ -211,6 +211,34 @@ def test_stop_sequences_are_honoured_also_while_streaming(finished_run) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_response_format_makes_answers_follow_the_schema(finished_run) -> None:  # noqa: ANN001
+    import jsonschema
+    from openai import BadRequestError
+
+    _, run = finished_run
+    client = _client(run)
+    # at most 12 tokens however the model spells it (one character a token, then EOS): within the 16 allowed
+    schema = {"type": "object", "properties": {"r": {"enum": ["PO", "IV"]}}, "required": ["r"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": schema, "strict": True}}
+    msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
+    for model in ("tiny", "med-orders"):  # the merged model, and an adapter on the shared base
+        out = client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
+                                             response_format=fmt)
+        assert out.choices[0].finish_reason == "stop", out
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+        chunks = client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
+                                                response_format=fmt, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "bogus"}}})
+    assert err.value.body["param"] == "response_format" and "bogus" in err.value.body["message"]
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, logprobs=True)
+    assert err.value.body["code"] == "unsupported_parameter"
+
+
 def test_text_completions(finished_run) -> None:  # noqa: ANN001
     _, run = finished_run
     client = _client(run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -76,12 +78,47 @@ def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content.0.type"),
     ({"model": "m", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+     "response_format"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format.type"),
 ])
 def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, param: str) -> None:
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400
     err = _err(r)
     assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"42": 5}),
+                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("presence_penalty", 0.5), ("frequency_penalty", -1)])
+def test_fields_the_engine_cannot_honour_are_refused_not_ignored(client: TestClient, field: str, value) -> None:  # noqa: ANN001
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    r = client.post("/v1/chat/completions", json={**body, field: value})
+    assert r.status_code == 400
+    err = _err(r)
+    assert (err["param"], err["code"]) == (field, "unsupported_parameter") and field in err["message"]
+    # the same field at the value that asks for nothing is fine (clients often send the defaults)
+    harmless = {"logprobs": False, "top_logprobs": None, "logit_bias": {}, "tools": [], "presence_penalty": 0,
+                "frequency_penalty": 0}[field]
+    assert client.post("/v1/chat/completions", json={**body, field: harmless}).status_code == 200
+
+
+def test_response_format_becomes_one_schema_text() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    one = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                "response_format": fmt})
+    assert one.schema_text is not None and json.loads(one.schema_text) == schema
+    reordered = {**fmt, "json_schema": {"name": "x", "schema": dict(reversed(list(schema.items())))}}
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "p", "response_format": reordered}
+                                            ).schema_text == one.schema_text
+    as_object = CompletionRequest.model_validate({"model": "m", "prompt": "p",
+                                                  "response_format": {"type": "json_object"}})
+    assert json.loads(as_object.schema_text or "") == {"type": "object"}
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "p", "response_format": {"type": "text"}}
+                                            ).schema_text is None
 
 
 def test_invalid_json_body(client: TestClient) -> None:

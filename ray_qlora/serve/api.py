@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ChatMessage",
     "CompletionRequest",
     "Limits",
+    "ResponseFormat",
     "check_budget",
     "check_model",
     "chunk_body",
@@ -97,6 +98,52 @@ def _stop_list(v: Union[str, list[str], None]) -> list[str]:
     return stops
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64)
+    # aliased: 'schema' would shadow BaseModel's method
+    json_schema: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON that follows a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs json_schema: {name, schema}")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema generation must follow (canonical text: equal schemas share one grammar), or None."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema" and self.json_schema is not None:
+            return json.dumps(self.json_schema.json_schema, sort_keys=True)
+        return None
+
+
+# OpenAI fields this server cannot honour, with the value that asks for nothing. A request that sets one
+# gets a 400 instead of an answer that silently ignored it (a client asking for logprobs would read None).
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": lambda v: not v,
+    "top_logprobs": lambda v: not v,
+    "logit_bias": lambda v: not v,
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: not v,
+}
+
+
 class _Sampling(BaseModel):
     """What chat and text completions share."""
 
@@ -110,6 +157,18 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_is_not_honoured(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, harmless in _UNSUPPORTED.items():
+                if name in data and not harmless(data[name]):
+                    # an APIError, not a ValueError: pydantic would drop the field's name from the error
+                    raise APIError(400, f"{name} is not supported by serve.engine: transformers; leave it out",
+                                   name, code="unsupported_parameter")
+        return data
 
     @field_validator("n")
     @classmethod
@@ -129,6 +188,11 @@ class _Sampling(BaseModel):
 
     def requested_tokens(self, default: int) -> int:
         return self.max_tokens or default
+
+    @property
+    def schema_text(self) -> str | None:
+        """The JSON schema the answer must follow (response_format), or None for free text."""
+        return self.response_format.schema_text() if self.response_format else None
 
     @property
     def include_usage(self) -> bool:

@@ -26,6 +26,7 @@ from ray_qlora import storage
 from ray_qlora.adapters import NameCache
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
+from ray_qlora.serve.structured import Grammars
 from ray_qlora.serve.api import (
     APIError,
     ChatCompletionRequest,
@@ -132,6 +133,7 @@ class ChatServer:
         model_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.context = min(self.cfg.serve.max_context or model_context, model_context)
         self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self.grammars = Grammars(self.tok, int(self.model.config.vocab_size))
         self.adapters: AdapterEngine | None = None
         if self.cfg.serve.max_adapters:
             self.adapters = AdapterEngine(self.cfg)
@@ -190,10 +192,13 @@ class ChatServer:
             return await self._complete_adapter(req, kind)
         check_model(req.model, self.model_name)
         budget = self._budget(req, prompt)
+        grammar = await self._grammar(self.grammars, req)
         if req.stream:
-            return StreamingResponse(self._stream(req, prompt, budget, kind), media_type="text/event-stream")
+            return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar),
+                                     media_type="text/event-stream")
         started = time.perf_counter()
-        out = await self._generate_batch((prompt, budget, req.temperature, req.top_p, req.seed, tuple(req.stops)))
+        out = await self._generate_batch((prompt, budget, req.temperature, req.top_p, req.seed, tuple(req.stops),
+                                          req.schema_text))
         self.metrics.generated("batch", time.perf_counter() - started, out["completion_tokens"])
         return completion_body(self.model_name, out) if kind == "chat" else text_completion_body(self.model_name, out)
 
@@ -207,13 +212,23 @@ class ChatServer:
         key = req.model
         prompt = engine.render(key, req.conversation()) if kind == "chat" else str(req.prompt)  # type: ignore[union-attr]
         budget = self._budget(req, prompt)
-        args = (budget, req.temperature, req.top_p, req.seed, req.stops)
+        if engine.grammars is None:
+            engine.grammars = Grammars(engine.tok, int(engine.model.config.vocab_size))
+        args = (budget, req.temperature, req.top_p, req.seed, req.stops, await self._grammar(engine.grammars, req))
         if req.stream:
             events = engine.stream(key, prompt, *args)
             return StreamingResponse(self._stream(req, prompt, budget, kind, events), media_type="text/event-stream")
         out = (await asyncio.to_thread(engine.generate, key, [prompt], budget, 1, *args[1:]))[0]
         body = completion_body if kind == "chat" else text_completion_body
         return body(req.model, out)
+
+    @staticmethod
+    async def _grammar(grammars: Grammars, req: Request) -> Any:
+        """The compiled grammar for the request's response_format (None for free text); a 400 before generating.
+
+        Compiled in a thread: a large schema takes a while, and the event loop serves other requests meanwhile.
+        """
+        return await asyncio.to_thread(grammars.compile, req.schema_text) if req.schema_text else None
 
     def _budget(self, req: Request, prompt: str) -> int:
         """Completion tokens this request may use; a 400 before any generation if it breaks a limit."""
@@ -224,7 +239,7 @@ class ChatServer:
         return check_budget(prompt_tokens, requested, cap, self.context, param)
 
     async def _stream(self, req: Request, prompt: str, budget: int, kind: str,
-                      events: Iterator[dict[str, Any]] | None = None) -> AsyncIterator[str]:
+                      events: Iterator[dict[str, Any]] | None = None, grammar: Any = None) -> AsyncIterator[str]:
         """SSE chunks as the text comes; usage last when stream_options.include_usage."""
         from ray_qlora.generation import stream_text
 
@@ -232,7 +247,7 @@ class ChatServer:
         started, first_token_s = time.perf_counter(), None
         if events is None:
             events = stream_text(self.model, self.tok, prompt, budget, req.temperature, req.top_p, req.seed,
-                                 req.stops)
+                                 req.stops, grammar)
         model_name = req.model
         if kind == "chat":
             yield sse(chunk_body("chat", rid, model_name, "", first=True))
@@ -258,18 +273,19 @@ class ChatServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, reqs: list[tuple]) -> list[dict[str, Any]]:
-        """(prompt, budget, temperature, top_p, seed, stops) each; one generate call per shared setting."""
+        """(prompt, budget, temperature, top_p, seed, stops, schema) each; one generate call per shared setting."""
         from ray_qlora.generation import generate_text
 
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, *settings) in enumerate(reqs):
             groups.setdefault(tuple(settings), []).append(i)
         results: list[dict[str, Any]] = [{}] * len(reqs)
-        for (budget, temp, top_p, seed, stops), idx in groups.items():
+        for (budget, temp, top_p, seed, stops, schema), idx in groups.items():
             prompts = [reqs[i][0] for i in idx]
+            grammar = self.grammars.compile(schema) if schema else None  # compiled (and cached) by _complete
             # generate is blocking torch work: keep the event loop free for other requests
             outs = await asyncio.to_thread(generate_text, self.model, self.tok, prompts, budget, len(prompts),
-                                           temp, top_p, seed, list(stops))
+                                           temp, top_p, seed, list(stops), grammar)
             for i, o in zip(idx, outs):
                 results[i] = o
         return results

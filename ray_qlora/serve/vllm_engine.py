@@ -112,6 +112,10 @@ def _engine_kwargs(cfg: PipelineConfig, context: int, on_gpu: bool) -> dict[str,
         "dtype": _dtype(cfg, on_gpu),
         # compiling adds ~60 s to every engine start on CPU (each new replica); CUDA graphs pay off on GPU
         "enforce_eager": not compile_graphs,
+        # response_format's JSON without free whitespace, as the transformers engine writes it: a small
+        # model allowed any whitespace can spend its whole budget on newlines inside the braces. xgrammar
+        # (vLLM's default backend, and the transformers engine's) is the backend that option needs.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     if not on_gpu:
         # without it vLLM's CPU backend reserves a share of the host's memory for its KV cache
