@@ -369,7 +369,8 @@ class MergeConfig(_Strict):
                     "merged weights to 16 bits may flip a near-tie token, a wrong merge flips most.")
 
 
-METRICS = ("exact_match", "normalized_match", "valid_json", "json_match", "field_accuracy", "regex_match")
+METRICS = ("exact_match", "normalized_match", "valid_json", "json_match", "field_accuracy", "regex_match",
+           "schema_valid")
 
 
 class EvalConfig(_Strict):
@@ -383,6 +384,12 @@ class EvalConfig(_Strict):
     metrics: list[Literal[METRICS]] | None = Field(  # type: ignore[valid-type]
         None, description=f"Metrics to report, from {', '.join(METRICS)}; null: chosen by eval.task.")
     regex: str | None = Field(None, description="Pattern a prediction must fully match, for regex_match.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="A JSON schema (a mapping in the YAML) answers must follow: adds schema_valid, the share "
+                          "of answers that parse and validate.")
+    constrained: bool = Field(
+        False, description="Generate under eval.json_schema, as a request with that response_format is served: "
+                           "the figures the endpoint gives clients who ask for the schema.")
     scorer: str | None = Field(
         None, description="A user metric 'module:function', called as f(prediction, reference) -> float in [0, 1].")
     num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
@@ -412,10 +419,27 @@ class EvalConfig(_Strict):
             raise ValueError("write it as 'package.module:function'")
         return v
 
+    @field_validator("json_schema")
+    @classmethod
+    def _is_a_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from jsonschema import SchemaError, validators
+
+            try:
+                validators.validator_for(v).check_schema(v)
+            except SchemaError as err:
+                where = "/".join(str(p) for p in err.absolute_path)
+                raise ValueError(f"not a valid JSON schema{f' at {where}' if where else ''}: {err.message}") from None
+        return v
+
     @model_validator(mode="after")
     def _regex_given(self) -> "EvalConfig":
         if self.metrics and "regex_match" in self.metrics and not self.regex:
             raise ValueError("metrics has regex_match: set eval.regex to the pattern")
+        if self.metrics and "schema_valid" in self.metrics and self.json_schema is None:
+            raise ValueError("metrics has schema_valid: set eval.json_schema to the schema")
+        if self.constrained and self.json_schema is None:
+            raise ValueError("constrained generation needs the schema: set eval.json_schema")
         return self
 
 

@@ -5,9 +5,11 @@ actors that each load the model once (on a GPU where the cluster has them),
 so an eval set of thousands of rows uses every node. Each actor also scores
 the rows teacher-forced (loss on assistant tokens only, like training).
 
-Metrics come from the config (eval.metrics, eval.regex, eval.scorer): exact
-and normalised match, valid-JSON rate, JSON equality and per-field accuracy,
-a regex, and a user function. Writes report.json, summary.md (the table and
+Metrics come from the config (eval.metrics, eval.regex, eval.scorer,
+eval.json_schema): exact and normalised match, valid-JSON rate, JSON
+equality and per-field accuracy, a regex, a JSON schema, and a user
+function. With eval.constrained, answers are generated under the schema, as
+the endpoint serves a request that asks for it (response_format). Writes report.json, summary.md (the table and
 side-by-side samples) and a bar chart, and puts the figures in the model card.
 """
 
@@ -69,24 +71,38 @@ def _json_metrics(predictions: list[str], references: list[str]) -> dict[str, fl
                                if fields else 0.0)}
 
 
-def _chosen_metrics(references: list[str], task: str, metrics: list[str] | None, regex: str | None) -> list[str]:
+def _chosen_metrics(references: list[str], task: str, metrics: list[str] | None, regex: str | None,
+                    schema: dict[str, Any] | None) -> list[str]:
     if metrics:
         return list(metrics)
     is_json = task == "json" or (task == "auto" and all(isinstance(_parse_json(r), dict) for r in references))
     chosen = ["exact_match", "normalized_match"]
     chosen += ["valid_json", "json_match", "field_accuracy"] if is_json else []
-    return chosen + (["regex_match"] if regex else [])
+    return chosen + (["regex_match"] if regex else []) + (["schema_valid"] if schema is not None else [])
+
+
+def _schema_valid(predictions: list[str], schema: dict[str, Any]) -> float:
+    """Share of predictions that parse as JSON and validate against ``schema``."""
+    from jsonschema import validators
+
+    validator = validators.validator_for(schema)(schema)
+    ok = 0
+    for p in predictions:
+        parsed = _parse_json(p)
+        ok += parsed is not None and validator.is_valid(parsed)
+    return ok / len(predictions)
 
 
 def task_metrics(predictions: list[str], references: list[str], task: str = "auto",
                  metrics: list[str] | None = None, regex: str | None = None,
-                 scorer: Callable[[str, str], float] | None = None) -> dict[str, float]:
+                 scorer: Callable[[str, str], float] | None = None,
+                 schema: dict[str, Any] | None = None) -> dict[str, float]:
     """Each chosen metric as the share of examples (0..1); ``scorer``'s mean under its function name."""
     n = len(references)
     if not n:
         return {}
     out: dict[str, float] = {}
-    chosen = _chosen_metrics(references, task, metrics, regex)
+    chosen = _chosen_metrics(references, task, metrics, regex, schema)
     if "exact_match" in chosen:
         out["exact_match"] = sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n
     if "normalized_match" in chosen:
@@ -96,6 +112,8 @@ def task_metrics(predictions: list[str], references: list[str], task: str = "aut
     if "regex_match" in chosen and regex:
         pattern = re.compile(regex)
         out["regex_match"] = sum(bool(pattern.fullmatch(p.strip())) for p in predictions) / n
+    if "schema_valid" in chosen and schema is not None:
+        out["schema_valid"] = _schema_valid(predictions, schema)
     if scorer is not None:
         scores = [float(scorer(p, r)) for p, r in zip(predictions, references)]
         out[getattr(scorer, "__name__", "scorer")] = sum(scores) / n
@@ -132,12 +150,18 @@ class _Generator:
 
             self.model = PeftModel.from_pretrained(self.model, str(storage.copy_dir_from(adapter_uri, None, cfg.storage)))
             self.model.eval()
+        self.grammar = None
+        if cfg.eval.constrained and cfg.eval.json_schema is not None:
+            from ray_qlora.structured import Grammars
+
+            self.grammar = Grammars(self.tok, int(self.model.config.vocab_size)).compile(
+                json.dumps(cfg.eval.json_schema, sort_keys=True))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from ray_qlora.generation import generate
 
         convs = [json.loads(m)[:-1] for m in batch["messages"]]
-        outs = generate(self.model, self.tok, convs, self.cfg.eval.max_new_tokens, len(convs))
+        outs = generate(self.model, self.tok, convs, self.cfg.eval.max_new_tokens, len(convs), grammar=self.grammar)
         losses = [self._loss(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
         return {"content_hash": batch["content_hash"], "prediction": [o["text"] for o in outs],
                 "actor": [self.actor_id] * len(outs),
@@ -215,9 +239,20 @@ def _score(name: str, cfg: PipelineConfig, table: Any, model_ref: str, adapter_u
     preds = [out[h]["prediction"] for h in hashes]
     loss = sum(out[h]["loss_sum"] for h in hashes) / max(1, sum(out[h]["loss_tokens"] for h in hashes))
     metrics = {"eval_loss": loss, **task_metrics(preds, refs, cfg.eval.task, cfg.eval.metrics, cfg.eval.regex,
-                                                 scorer)}
+                                                 scorer, cfg.eval.json_schema)}
     log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in metrics.items()})
     return {"metrics": metrics, "predictions": preds, "actors": len({r["actor"] for r in out.values()})}
+
+
+def check_schema_followable(schema: dict[str, Any]) -> None:
+    """A ConfigError naming eval.json_schema before any actor starts, if constrained generation cannot follow it."""
+    from ray_qlora.structured import SchemaError, check_followable
+
+    try:
+        check_followable(schema)
+    except SchemaError as err:
+        key = "eval.constrained" if err.missing_library else "eval.json_schema"
+        raise ConfigError(f"invalid config: {key}: {err}") from None
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -278,6 +313,8 @@ def evaluate(cfg: PipelineConfig, run: storage.RunPaths, merge_result: dict[str,
     from ray_qlora.model_card import write_card
 
     scorer = load_scorer(cfg.eval.scorer) if cfg.eval.scorer else None
+    if cfg.eval.constrained and cfg.eval.json_schema is not None:
+        check_schema_followable(cfg.eval.json_schema)
     table = eval_rows(cfg, run)
     base = _score("base", cfg, table, "base", scorer=scorer)
     tuned = _score("tuned", cfg, table, run.merged, scorer=scorer)

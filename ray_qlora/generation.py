@@ -120,13 +120,14 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
 
 def generate(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", conversations: list[list[dict[str, str]]],
              max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, stop: list[str] | None = None) -> list[dict[str, Any]]:
+             seed: int | None = None, stop: list[str] | None = None, grammar: Any = None
+             ) -> list[dict[str, Any]]:
     """Batched chat completion; greedy when temperature is 0.
 
     Returns per conversation {text, prompt_tokens, completion_tokens, finish_reason}.
     """
     return generate_text(model, tok, [render(tok, c) for c in conversations], max_new_tokens, batch_size,
-                         temperature, top_p, seed, stop)
+                         temperature, top_p, seed, stop, grammar)
 
 
 def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompts: list[str],

@@ -47,6 +47,41 @@ def test_chosen_metrics_regex_and_user_scorer() -> None:
                  "starts_right": pytest.approx(2 / 3)}
 
 
+def test_schema_valid_counts_answers_that_parse_and_validate() -> None:
+    schema = {"type": "object", "required": ["drug", "dose_mg"],
+              "properties": {"drug": {"type": "string"}, "dose_mg": {"type": "number", "minimum": 0}}}
+    preds = [REF[0], '{"drug": "b", "dose_mg": -1}', '{"drug": "c"}', "not json", '{"drug": "d", "dose_mg": 2.5}']
+    m = task_metrics(preds, REF * 2 + REF[:1], schema=schema)
+    assert m["schema_valid"] == pytest.approx(2 / 5) and m["valid_json"] == pytest.approx(4 / 5)
+    only = task_metrics(preds, REF * 2 + REF[:1], metrics=["schema_valid"], schema=schema)
+    assert only == {"schema_valid": pytest.approx(2 / 5)}
+    assert "schema_valid" not in task_metrics(preds, REF * 2 + REF[:1])  # no schema: no such metric
+
+
+def test_eval_schema_settings_are_checked_where_they_are_written() -> None:
+    from ray_qlora.config import ConfigError, parse_config
+
+    base = {"run": {"output_uri": "/tmp/x"}, "data": {"input_uris": ["x"]}}
+    for eval_cfg, words in (({"json_schema": {"type": "objekt"}}, "eval.json_schema: not a valid JSON schema"),
+                            ({"json_schema": {"properties": {"a": {"minimum": "one"}}}},
+                             "not a valid JSON schema at properties/a/minimum"),
+                            ({"constrained": True}, "set eval.json_schema"),
+                            ({"metrics": ["schema_valid"]}, "set eval.json_schema")):
+        with pytest.raises(ConfigError, match=words):
+            parse_config({**base, "eval": eval_cfg})
+    parse_config({**base, "eval": {"json_schema": {"type": "object"}, "constrained": True}})
+
+
+def test_a_schema_constrained_generation_cannot_follow_is_refused_before_any_work() -> None:
+    from ray_qlora.config import ConfigError
+    from ray_qlora.evaluate import check_schema_followable
+
+    check_schema_followable({"type": "object", "properties": {"a": {"enum": [1, 2]}}})
+    # valid JSON Schema, but no grammar can hold generation to a pattern that is not a regular expression
+    with pytest.raises(ConfigError, match=r"eval.json_schema: the JSON schema cannot be followed"):
+        check_schema_followable({"type": "string", "pattern": "(("})
+
+
 def test_scorer_spec_errors_name_the_key() -> None:
     from ray_qlora.config import ConfigError
     from ray_qlora.evaluate import load_scorer

@@ -23,6 +23,9 @@ pytestmark = pytest.mark.integration
 
 API_KEY = "it-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# '{"r": "PO"}' is 11 characters: with EOS, at most 12 tokens however a model splits it
+ORDER_SCHEMA = {"type": "object", "properties": {"r": {"enum": ["PO", "IV"]}}, "required": ["r"],
+                "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,10 @@ def finished_run(local_s3, ray_local, tiny_model_dir: Path, tmp_path_factory):  
         "tune": {"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}}, "max_concurrent_trials": 2,
                  "asha": {"enabled": False}},
         "merge": {"dtype": "float32", "verify_prompts": 3, "verify_max_new_tokens": 8, "verify_min_match": 1.0},
-        "eval": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 2, "compare_adapter": True},
+        # answers generated under a schema (as response_format serves them): at most 12 tokens however the
+        # model spells them, so every answer closes within the budget
+        "eval": {"max_examples": 4, "max_new_tokens": 12, "batch_size": 2, "compare_adapter": True,
+                 "json_schema": ORDER_SCHEMA, "constrained": True},
         "adapters": {"name": "med-orders", "top_k": 2},
         "serve": {"port": free_port(), "model_name": "tiny", "max_new_tokens": 16, "max_body_bytes": 65536,
                   "api_key_file": str(key_file)},
@@ -96,6 +102,8 @@ def test_evaluate_report(finished_run) -> None:  # noqa: ANN001
     report = storage.read_json(run.paths.report, cfg.storage)
     for side in ("base", "tuned", "adapter"):
         assert {"eval_loss", "exact_match", "normalized_match", "valid_json", "field_accuracy"} <= set(report[side])
+        # eval.constrained: even the random base answers in the schema, which it never does on its own
+        assert report[side]["schema_valid"] == 1.0, report[side]
     assert report["examples"] == 4
     # 4 rows in batches of 2 on a 4-CPU Ray: two generation actors, each with its own model, both generated
     assert report["actors"] == 2
@@ -217,9 +225,7 @@ def test_response_format_makes_answers_follow_the_schema(finished_run) -> None: 
 
     _, run = finished_run
     client = _client(run)
-    # at most 12 tokens however the model spells it (one character a token, then EOS): within the 16 allowed
-    schema = {"type": "object", "properties": {"r": {"enum": ["PO", "IV"]}}, "required": ["r"],
-              "additionalProperties": False}
+    schema = ORDER_SCHEMA  # at most 12 tokens however the model spells it: within the 16 allowed
     fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": schema, "strict": True}}
     msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
     for model in ("tiny", "med-orders"):  # the merged model, and an adapter on the shared base

@@ -1,4 +1,5 @@
-"""response_format on the transformers engine: a random tiny model's answers follow the schema (no Ray)."""
+"""Structured output (serve's response_format, eval.constrained): a random tiny model's answers follow the
+schema (no Ray)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from ray_qlora.serve.api import APIError, ResponseFormat
+from ray_qlora.serve.api import ResponseFormat
+from ray_qlora.structured import SchemaError, check_followable
 
 ORDER = {"type": "object", "additionalProperties": False, "required": ["route", "urgent", "times"],
          "properties": {"route": {"enum": ["PO", "IV", "IM"]}, "urgent": {"type": "boolean"},
@@ -26,7 +28,7 @@ def model(tiny_model_dir: Path):  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def grammars(model):  # noqa: ANN001, ANN201
-    from ray_qlora.serve.structured import Grammars
+    from ray_qlora.structured import Grammars
 
     tok, m = model
     return Grammars(tok, m.config.vocab_size)
@@ -77,8 +79,22 @@ def test_equal_schemas_share_one_compiled_grammar(grammars) -> None:  # noqa: AN
 
 
 @pytest.mark.parametrize("schema", [{"type": "bogus"}, {"$ref": "#/$defs/missing"}])
-def test_a_schema_that_cannot_be_followed_is_a_400_naming_response_format(grammars, schema: dict) -> None:  # noqa: ANN001
-    with pytest.raises(APIError) as err:
-        grammars.compile(_schema(schema))
-    assert (err.value.status, err.value.param, err.value.code) == (400, "response_format", "invalid_json_schema")
-    assert not err.value.message.split("followed: ")[1].startswith("[")  # xgrammar's C++ log prefix is cut
+def test_a_schema_that_cannot_be_followed_is_refused_in_plain_words(grammars, schema: dict) -> None:  # noqa: ANN001
+    for check in (lambda: grammars.compile(_schema(schema)), lambda: check_followable(schema)):
+        with pytest.raises(SchemaError) as err:
+            check()
+        assert not err.value.missing_library
+        assert str(err.value).startswith("the JSON schema cannot be followed: ")
+        assert not str(err.value).split("followed: ")[1].startswith("[")  # xgrammar's C++ log prefix is cut
+    check_followable(ORDER)
+
+
+def test_without_xgrammar_the_error_says_what_to_install(model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    import sys
+
+    from ray_qlora.structured import Grammars
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if it were not installed
+    with pytest.raises(SchemaError) as err:
+        Grammars(model[0], 64).compile(_schema(ORDER))
+    assert err.value.missing_library and "ray-qlora[structured]" in str(err.value)

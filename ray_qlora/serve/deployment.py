@@ -26,7 +26,7 @@ from ray_qlora import storage
 from ray_qlora.adapters import NameCache
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
-from ray_qlora.serve.structured import Grammars
+from ray_qlora.structured import Grammars, SchemaError
 from ray_qlora.serve.api import (
     APIError,
     ChatCompletionRequest,
@@ -228,7 +228,13 @@ class ChatServer:
 
         Compiled in a thread: a large schema takes a while, and the event loop serves other requests meanwhile.
         """
-        return await asyncio.to_thread(grammars.compile, req.schema_text) if req.schema_text else None
+        if not req.schema_text:
+            return None
+        try:
+            return await asyncio.to_thread(grammars.compile, req.schema_text)
+        except SchemaError as err:
+            code = "unsupported_parameter" if err.missing_library else "invalid_json_schema"
+            raise APIError(400, f"response_format: {err}", "response_format", code=code) from None
 
     def _budget(self, req: Request, prompt: str) -> int:
         """Completion tokens this request may use; a 400 before any generation if it breaks a limit."""
