@@ -9,8 +9,9 @@ Metrics come from the config (eval.metrics, eval.regex, eval.scorer,
 eval.json_schema): exact and normalised match, valid-JSON rate, JSON
 equality and per-field accuracy, a regex, a JSON schema, and a user
 function. With eval.constrained, answers are generated under the schema, as
-the endpoint serves a request that asks for it (response_format). Writes report.json, summary.md (the table and
-side-by-side samples) and a bar chart, and puts the figures in the model card.
+the endpoint serves a request that asks for it (response_format). Writes
+report.json, summary.md (the table and side-by-side samples) and a bar
+chart, and puts the figures in the model card.
 """
 
 from __future__ import annotations
@@ -88,8 +89,11 @@ def _schema_valid(predictions: list[str], schema: dict[str, Any]) -> float:
     validator = validators.validator_for(schema)(schema)
     ok = 0
     for p in predictions:
-        parsed = _parse_json(p)
-        ok += parsed is not None and validator.is_valid(parsed)
+        try:
+            parsed = json.loads(p)
+        except json.JSONDecodeError:
+            continue
+        ok += validator.is_valid(parsed)  # a bare null is a value too: the schema says whether it may be one
     return ok / len(predictions)
 
 

@@ -105,8 +105,8 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
         criteria.append(_stop_criteria(tok, list(stop), prompt_len))
     if criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
-    if grammar is not None:  # an xgrammar CompiledGrammar (serve's response_format); its processor is single-use
-        from xgrammar.contrib.hf import LogitsProcessor
+    if grammar is not None:  # an xgrammar CompiledGrammar (response_format, eval.constrained)
+        from xgrammar.contrib.hf import LogitsProcessor  # single-use: one per generate call
 
         kwargs["logits_processor"] = LogitsProcessorList([LogitsProcessor(grammar)])
     if temperature > 0:
@@ -136,7 +136,7 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
                   ) -> list[dict[str, Any]]:
     """Batched completion of raw prompt texts (what ``generate`` does after the chat template).
 
-    ``grammar``: a compiled xgrammar grammar every row's answer must follow (see serve.structured).
+    ``grammar``: a compiled xgrammar grammar every row's answer must follow (see ray_qlora.structured).
     """
     import torch
 
