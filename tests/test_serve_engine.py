@@ -98,6 +98,28 @@ def test_requests_are_capped_and_cleaned_before_the_engine() -> None:
     assert err.value.status == 400 and err.value.code == "max_tokens_exceeded" and "65" in err.value.message
 
 
+@pytest.mark.parametrize("fmt, param, code", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}, "response_format",
+     "invalid_json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}},
+     "response_format", "invalid_json_schema"),
+    ({"type": "json_schema"}, "response_format", None),
+    ({"type": "yaml"}, "response_format.type", None),
+])
+def test_response_formats_vllm_would_refuse_get_the_same_400_as_on_transformers(fmt: dict, param: str,
+                                                                                 code: str | None) -> None:
+    from ray_qlora.serve.vllm_engine import rewrite_request
+
+    with pytest.raises(APIError) as err:
+        rewrite_request(_state(), {"model": "m", "messages": [], "response_format": fmt}, "/v1/chat/completions")
+    assert (err.value.status, err.value.param, err.value.code) == (400, param, code)
+    assert err.value.message.startswith(param + ":") and "Exception" not in err.value.message
+    good = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    body, _ = rewrite_request(_state(), {"model": "m", "messages": [], "response_format": good},
+                              "/v1/chat/completions")
+    assert body["response_format"] == good  # passed to vLLM as sent
+
+
 @pytest.mark.parametrize("model", ["other", "m--base", "m--base:task/v1", "s3://b/x", "task-a"])
 def test_only_the_merged_model_and_registry_names_reach_the_engine(model: str) -> None:
     from ray_qlora.serve.vllm_engine import rewrite_request

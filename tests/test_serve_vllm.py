@@ -147,6 +147,11 @@ def test_response_format_makes_answers_follow_the_schema(served: dict[str, Any])
         jsonschema.validate(answer, schema)
         # no free whitespace, as the transformers engine writes it: nothing for a small model to loop on
         assert out.message.content == json.dumps(answer)
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as err:  # refused in front of vLLM, in the transformers engine's words
+        _ask(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
+    assert (err.value.body["param"], err.value.body["code"]) == ("response_format", "invalid_json_schema")
 
 
 def test_adapters_by_registry_name(served: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "ResponseFormat",
     "check_budget",
     "check_model",
+    "check_response_format",
     "chunk_body",
     "completion_body",
     "make_app",
@@ -243,6 +244,35 @@ class CompletionRequest(_Sampling):
         if v:
             raise ValueError("echo is not supported")
         return v
+
+
+def schema_error(err: Exception) -> APIError:
+    """The 400 for a response_format schema that structured.SchemaError refused."""
+    code = "unsupported_parameter" if getattr(err, "missing_library", False) else "invalid_json_schema"
+    return APIError(400, f"response_format: {err}", "response_format", code=code)
+
+
+def check_response_format(raw: Any) -> None:
+    """A 400 in OpenAI's shape unless ``raw`` is a response_format whose schema a grammar can follow.
+
+    For the vLLM engine, before the request reaches it: vLLM refuses a bad schema too, but with
+    internal exception names in the message and no ``param``. The transformers engine checks the
+    same way when it compiles the schema.
+    """
+    from ray_qlora.structured import SchemaError, check_followable
+
+    try:
+        fmt = ResponseFormat.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(["response_format", *(str(p) for p in first["loc"])])
+        raise APIError(400, f"{loc}: {first['msg'].removeprefix('Value error, ')}", loc) from None
+    text = fmt.schema_text()
+    if text is not None:
+        try:
+            check_followable(json.loads(text))
+        except SchemaError as err:
+            raise schema_error(err) from None
 
 
 def check_model(requested: str, served: str) -> None:

@@ -38,6 +38,7 @@ from ray_qlora.serve.api import (
     completion_body,
     make_app,
     models_body,
+    schema_error,
     sse,
     text_completion_body,
 )
@@ -233,8 +234,7 @@ class ChatServer:
         try:
             return await asyncio.to_thread(grammars.compile, req.schema_text)
         except SchemaError as err:
-            code = "unsupported_parameter" if err.missing_library else "invalid_json_schema"
-            raise APIError(400, f"response_format: {err}", "response_format", code=code) from None
+            raise schema_error(err) from None
 
     def _budget(self, req: Request, prompt: str) -> int:
         """Completion tokens this request may use; a 400 before any generation if it breaks a limit."""
