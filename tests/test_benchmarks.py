@@ -78,6 +78,15 @@ def test_eval_throughput_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: A
     assert "ratio 2 actors / 1 actor" in capsys.readouterr().out
 
 
+def test_structured_output_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("structured_output").main(["--base", str(tiny_model_dir), "--n", "4", "--batch-size", "2",
+                                           "--new-tokens", "24"])
+    assert out["free"]["schema_valid"] == 0.0  # the random model writes no orders JSON on its own
+    assert out["constrained"]["first"].startswith('{"drug": "')  # held to the schema, in its key order
+    assert out["ratio"] > 0 and out["compile_s"] > 0
+    assert "ratio constrained / free tokens/s" in capsys.readouterr().out
+
+
 def test_serve_load_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
     out = _load("serve_load").main(["--base", str(tiny_model_dir), "--requests", "8", "--concurrency", "4",
                                     "--tokens", "4", "--threads", "1", "--engine", "transformers"])

@@ -122,11 +122,16 @@ class ResponseFormat(BaseModel):
         return self
 
     def schema_text(self) -> str | None:
-        """The JSON schema generation must follow (canonical text: equal schemas share one grammar), or None."""
+        """The JSON schema generation must follow, as text (the grammar cache's key), or None.
+
+        Keys keep the client's order: the grammar writes an object's properties in the order the
+        schema lists them, and a model tuned on {"drug", "dose_mg", ...} should not be made to
+        answer in alphabetical order.
+        """
         if self.type == "json_object":
             return '{"type": "object"}'
         if self.type == "json_schema" and self.json_schema is not None:
-            return json.dumps(self.json_schema.json_schema, sort_keys=True)
+            return json.dumps(self.json_schema.json_schema)
         return None
 
 
