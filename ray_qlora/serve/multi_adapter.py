@@ -63,7 +63,7 @@ class AdapterEngine:
         self.lock = threading.Lock()  # one adapter active at a time on the shared base
         self.tokens: dict[str, int] = {}  # key -> load token: a stale eviction never unloads a newer load
         self._next = itertools.count(1)
-        self.grammars: Any = None  # serve.structured.Grammars for the base's tokenizer, made on first use
+        self.grammars: Any = None  # ray_qlora.structured.Grammars for the base's tokenizer, made on first use
 
     def _base(self) -> tuple[Any, Path]:
         from ray_qlora.generation import inference_dtype
