@@ -133,6 +133,7 @@ def test_stop_strings_end_the_answer(served: dict[str, Any]) -> None:
 
 def test_response_format_makes_answers_follow_the_schema(served: dict[str, Any]) -> None:
     import jsonschema
+    from openai import BadRequestError
 
     # at most 30 tokens however the model spells it (one character a token, then EOS): within the 32 allowed
     schema = {"type": "object", "properties": {"route": {"enum": ["PO", "IV"]}, "prn": {"type": "boolean"}},
@@ -147,8 +148,6 @@ def test_response_format_makes_answers_follow_the_schema(served: dict[str, Any])
         jsonschema.validate(answer, schema)
         # no free whitespace, as the transformers engine writes it: nothing for a small model to loop on
         assert out.message.content == json.dumps(answer)
-    from openai import BadRequestError
-
     with pytest.raises(BadRequestError) as err:  # refused in front of vLLM, in the transformers engine's words
         _ask(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
     assert (err.value.body["param"], err.value.body["code"]) == ("response_format", "invalid_json_schema")
