@@ -45,6 +45,14 @@ def client(limits: Limits) -> TestClient:
     return TestClient(app)
 
 
+def _nested(levels: int) -> dict:
+    """An array of arrays ``levels`` deep: one JSON object per level."""
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 def _err(resp) -> dict:  # noqa: ANN001
     body = resp.json()
     assert set(body) == {"error"}
@@ -82,6 +90,9 @@ def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
      "response_format"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
      "response_format.type"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(70)}}},
+     "response_format.json_schema.schema"),
 ])
 def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, param: str) -> None:
     r = client.post("/v1/chat/completions", json=body)
@@ -120,6 +131,8 @@ def test_response_format_becomes_one_schema_text() -> None:
     assert json.loads(as_object.schema_text or "") == {"type": "object"}
     assert CompletionRequest.model_validate({"model": "m", "prompt": "p", "response_format": {"type": "text"}}
                                             ).schema_text is None
+    deep_enough = {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(40)}}
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "p", "response_format": deep_enough}).schema_text
 
 
 def test_invalid_json_body(client: TestClient) -> None:

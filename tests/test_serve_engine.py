@@ -6,6 +6,7 @@ Fast checks without a cluster; tests/test_serve_vllm.py runs the vLLM engine for
 from __future__ import annotations
 
 import importlib.util
+import json
 from typing import Any
 
 import pytest
@@ -105,6 +106,8 @@ def test_requests_are_capped_and_cleaned_before_the_engine() -> None:
      "response_format", "invalid_json_schema"),
     ({"type": "json_schema"}, "response_format", None),
     ({"type": "yaml"}, "response_format.type", None),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": json.loads('{"items": ' * 70 + '{}' + '}' * 70)}},
+     "response_format.json_schema.schema", None),  # too deep to compile in reasonable time
 ])
 def test_response_formats_vllm_would_refuse_get_the_same_400_as_on_transformers(fmt: dict, param: str,
                                                                                  code: str | None) -> None:

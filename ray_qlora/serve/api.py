@@ -99,6 +99,17 @@ def _stop_list(v: Union[str, list[str], None]) -> list[str]:
     return stops
 
 
+MAX_SCHEMA_DEPTH = 64  # nested objects and lists; a grammar's compile time grows fast with depth (~35 s at 900)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
 class JSONSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str = Field(min_length=1, max_length=64)
@@ -106,6 +117,14 @@ class JSONSchemaFormat(BaseModel):
     json_schema: dict[str, Any] = Field(alias="schema")
     description: str | None = None
     strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _not_too_deep(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # refused before compiling: one request must not hold a replica's CPU for minutes
+        if _depth(v) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        return v
 
 
 class ResponseFormat(BaseModel):
