@@ -191,6 +191,45 @@ def test_body_over_the_limit_is_refused_before_parsing(client: TestClient) -> No
     assert r.status_code == 400 and _err(r)["code"] == "request_too_large"
 
 
+async def _call_asgi(app, chunks: list[bytes | None], gap_s: float) -> tuple[int, dict]:  # noqa: ANN001
+    """Drive ``app`` as a server would: body parts ``gap_s`` apart, and ``None`` for a part that never comes."""
+    import asyncio
+
+    parts = iter(chunks)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        part = next(parts, b"")
+        if part is None:  # what a re-routed request sees: its body was taken by the replica that died
+            await asyncio.Event().wait()
+        await asyncio.sleep(gap_s)
+        return {"type": "http.request", "body": part, "more_body": part != b""}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body)
+
+
+def test_a_body_that_stops_arriving_is_a_408_not_a_hang(client: TestClient, limits: Limits) -> None:
+    import asyncio
+
+    limits.body_timeout_s = 0.3
+    request = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, body = asyncio.run(_call_asgi(client.app, [request[:10], None], gap_s=0))
+    assert status == 408, body
+    assert body["error"]["code"] == "request_timeout" and "serve.body_timeout_s" in body["error"]["message"]
+    # a slow body whose every part comes within the timeout is read whole
+    status, body = asyncio.run(_call_asgi(client.app, [request[:10], request[10:30], request[30:]], gap_s=0.1))
+    assert status == 200 and body["conversation"] == [{"role": "user", "content": "hi"}], body
+
+
 def test_api_keys(client: TestClient, limits: Limits) -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     limits.api_keys = ["k-one", "k-two"]

@@ -9,6 +9,7 @@ or memory.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -410,6 +411,9 @@ class Limits:
     """What the middleware enforces; a replica fills it in from the config when it starts."""
 
     max_body_bytes: int = 1 << 20
+    # seconds one read of the body may wait; a request Ray Serve re-routes after its replica died mid-read
+    # finds the body already taken and would otherwise wait forever (408 lets the client resend it)
+    body_timeout_s: float = 15.0
     api_keys: list[str] | None = None  # None: no key needed (serve.auth: none)
     # called once per finished response: (path, HTTP status, seconds to the response's start)
     on_response: Callable[[str, int, float], None] | None = None
@@ -420,11 +424,22 @@ class _BodyTooLarge(Exception):
         self.size, self.more = size, more
 
 
-async def read_body(receive: Callable, max_bytes: int | None = None) -> bytes:
-    """An ASGI request's whole body; past ``max_bytes`` it stops reading and raises _BodyTooLarge."""
+class _BodyStalled(Exception):
+    """No part of the body came within the timeout."""
+
+
+async def read_body(receive: Callable, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
+    """An ASGI request's whole body.
+
+    Past ``max_bytes`` it stops reading and raises _BodyTooLarge; a read that waits over ``timeout_s``
+    raises _BodyStalled.
+    """
     body, more = b"", True
     while more:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except asyncio.TimeoutError:
+            raise _BodyStalled() from None
         if message["type"] != "http.request":
             break
         body += message.get("body", b"")
@@ -493,10 +508,14 @@ class _LimitsMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(int(declared)).response()(scope, receive, send)
-        try:  # read it all (bounded), then hand it on
-            body = await read_body(receive, self.max_body_bytes)
+        try:  # read it all (bounded in size and time), then hand it on
+            body = await read_body(receive, self.max_body_bytes, self.limits.body_timeout_s)
         except _BodyTooLarge as big:
             return await self._too_large(big.size, at_least=big.more).response()(scope, receive, send)
+        except _BodyStalled:
+            stalled = APIError(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s "
+                                    "(serve.body_timeout_s); send the request again", None, code="request_timeout")
+            return await stalled.response()(scope, receive, send)
         await self.app(scope, replaying(body, receive), send)
 
     def _too_large(self, size: int, at_least: bool = False) -> APIError:

@@ -121,6 +121,7 @@ class ChatServer:
         self.cfg = parse_config(json.loads(cfg_json))
         self.metrics = _Metrics(model_name)
         limits.max_body_bytes, limits.api_keys = self.cfg.serve.max_body_bytes, api_keys(self.cfg)
+        limits.body_timeout_s = self.cfg.serve.body_timeout_s
         limits.on_response = self.metrics.response
         self.model_name = model_name
         self.created = int(time.time())

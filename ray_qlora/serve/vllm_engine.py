@@ -370,7 +370,7 @@ def _ingress_class() -> Any:
             st.model_name, st.base_sha256 = model_name, base_sha256
             metrics = _Metrics(model_name)
             st.limits = Limits(max_body_bytes=st.cfg.serve.max_body_bytes, api_keys=api_keys(st.cfg),
-                               on_response=metrics.response)
+                               body_timeout_s=st.cfg.serve.body_timeout_s, on_response=metrics.response)
 
     app = init()
     # added last, so it runs first: keys and body size, then registry names, then Ray Serve LLM's own stack
