@@ -531,7 +531,7 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger: 400.")
     body_timeout_s: float = Field(
-        15.0, gt=0, description="Seconds a replica waits for the next part of a request body; longer: 408, which "
+        30.0, gt=0, description="Seconds a replica waits for the next part of a request body; longer: 408, which "
                                 "clients such as the openai SDK resend.")
     max_context: int | None = Field(
         None, ge=16, description="Prompt + completion tokens a request may use; null: the model's context.")

@@ -413,7 +413,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     # seconds one read of the body may wait; a request Ray Serve re-routes after its replica died mid-read
     # finds the body already taken and would otherwise wait forever (408 lets the client resend it)
-    body_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0
     api_keys: list[str] | None = None  # None: no key needed (serve.auth: none)
     # called once per finished response: (path, HTTP status, seconds to the response's start)
     on_response: Callable[[str, int, float], None] | None = None
