@@ -240,7 +240,9 @@ def test_killed_trial_resumes_from_its_checkpoint(root: Path, tiny_model_dir: Pa
     thread = threading.Thread(target=search)
     thread.start()
     deadline = time.monotonic() + 300
-    while not any(trials.glob("*/checkpoint_000000")) and time.monotonic() < deadline:
+    # kill once the second checkpoint is on disk: a checkpoint folder appears before Tune has registered it,
+    # and Tune only lets the trial train on (towards the next one) once it has, so the first is then known
+    while not any(trials.glob("*/checkpoint_00000[1-9]")) and time.monotonic() < deadline:
         time.sleep(0.2)
     pids = _trial_pids()
     assert pids, "the trial's worker process was not found"
