@@ -92,9 +92,82 @@ def _stop_criteria(tok: "PreTrainedTokenizerBase", stop: list[str], prompt_len: 
     return _StopInCompletion()
 
 
+class _Logprobs:
+    """A logits processor that keeps each row's log-probability of every token it generates.
+
+    Placed first among the request's processors, it sees the model's own
+    distribution: after the generation config's processors, before
+    temperature, top_p and a grammar's mask (what vLLM calls raw logprobs),
+    so a constrained answer still shows how sure the model was. The token
+    picked at one step is only known at the next call (or, for the last
+    step, from the finished sequences), so each step settles the one before.
+    """
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.ids: list[list[int]] = []  # per settled step: the token each row got
+        self.chosen: list[list[float]] = []  # per settled step: that token's log-probability
+        self.tops: list[tuple[list[list[float]], list[list[int]]]] = []  # per step: top-k values, ids
+        self._last: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:  # noqa: ANN401
+        import torch
+
+        if self._last is not None:
+            self._settle(input_ids[:, -1])
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        if self.top:
+            values, ids = self._last.topk(self.top, dim=-1)
+            self.tops.append((values.tolist(), ids.tolist()))
+        return scores
+
+    def _settle(self, picked: Any) -> None:  # noqa: ANN401
+        lp = self._last.gather(1, picked[:, None]).squeeze(1).tolist()
+        self.ids.append(picked.tolist())
+        self.chosen.append(lp)  # appended last: a reader that sees it sees the id too
+        self._last = None
+
+    def finish(self, sequences: Any) -> None:  # noqa: ANN401
+        """Settle the last step from the finished sequences (its token was never fed back)."""
+        if self._last is not None:
+            self._settle(sequences[:, -1])
+
+    def row(self, r: int, upto: int | None = None) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """(token, log-probability, top alternatives) for row ``r``'s settled steps."""
+        n = len(self.chosen) if upto is None else min(upto, len(self.chosen))
+        return [(self.ids[t][r], self.chosen[t][r],
+                 list(zip(self.tops[t][1][r], self.tops[t][0][r])) if self.top else []) for t in range(n)]
+
+
+class _Offsets:
+    """Where each generated token's text starts in the answer a client reads (leading whitespace dropped)."""
+
+    def __init__(self, tok: "PreTrainedTokenizerBase") -> None:
+        self.tok, self.starts = tok, [0]
+
+    def covered(self, ids: list[int], answer_chars: int) -> list[int]:
+        """Offsets of the tokens that hold part of the answer's first ``answer_chars`` characters."""
+        while len(self.starts) <= len(ids):  # decoded once per prefix: a token's text depends on its neighbours
+            self.starts.append(len(self.tok.decode(ids[:len(self.starts)], skip_special_tokens=True)))
+        full = self.tok.decode(ids, skip_special_tokens=True)
+        lead = len(full) - len(full.lstrip())
+        return [max(0, s - lead) for s in self.starts[:len(ids)] if s - lead < answer_chars]
+
+
+def _token_logprobs(tok: "PreTrainedTokenizerBase", steps: list[tuple[int, float, list[tuple[int, float]]]],
+                    offsets: list[int]) -> list[dict[str, Any]]:
+    """One entry per answer token: its text, log-probability, offset in the answer, top alternatives."""
+    def piece(i: int) -> str:
+        return tok.decode([i])
+
+    return [{"token": piece(i), "logprob": lp, "offset": off,
+             "top": [(piece(j), v) for j, v in alternatives]}
+            for (i, lp, alternatives), off in zip(steps, offsets)]
+
+
 def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: float, top_p: float,
               seed: int | None, stop: list[str] | None, prompt_len: int = 0, extra: list[Any] | None = None,
-              grammar: Any = None) -> dict[str, Any]:
+              grammar: Any = None, recorder: _Logprobs | None = None) -> dict[str, Any]:
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -105,10 +178,13 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
         criteria.append(_stop_criteria(tok, list(stop), prompt_len))
     if criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+    processors: list[Any] = [recorder] if recorder is not None else []  # first: it must see unmasked scores
     if grammar is not None:  # an xgrammar CompiledGrammar (response_format, eval.constrained)
         from xgrammar.contrib.hf import LogitsProcessor  # single-use: one per generate call
 
-        kwargs["logits_processor"] = LogitsProcessorList([LogitsProcessor(grammar)])
+        processors.append(LogitsProcessor(grammar))
+    if processors:
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
     if temperature > 0:
         if seed is not None:
             torch.manual_seed(seed)
@@ -120,23 +196,25 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
 
 def generate(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", conversations: list[list[dict[str, str]]],
              max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, stop: list[str] | None = None, grammar: Any = None
-             ) -> list[dict[str, Any]]:
+             seed: int | None = None, stop: list[str] | None = None, grammar: Any = None,
+             logprobs: int | None = None) -> list[dict[str, Any]]:
     """Batched chat completion; greedy when temperature is 0.
 
     Returns per conversation {text, prompt_tokens, completion_tokens, finish_reason}.
     """
     return generate_text(model, tok, [render(tok, c) for c in conversations], max_new_tokens, batch_size,
-                         temperature, top_p, seed, stop, grammar)
+                         temperature, top_p, seed, stop, grammar, logprobs)
 
 
 def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompts: list[str],
                   max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int | None = None, stop: list[str] | None = None, grammar: Any = None
-                  ) -> list[dict[str, Any]]:
+                  seed: int | None = None, stop: list[str] | None = None, grammar: Any = None,
+                  logprobs: int | None = None) -> list[dict[str, Any]]:
     """Batched completion of raw prompt texts (what ``generate`` does after the chat template).
 
     ``grammar``: a compiled xgrammar grammar every row's answer must follow (see ray_qlora.structured).
+    ``logprobs``: None, or how many alternatives to give per token (0 or more); each result
+    then also has "logprobs", one entry per token of its text.
     """
     import torch
 
@@ -147,28 +225,38 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
         enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                   add_special_tokens=False).to(model.device)
         prompt_len = enc["input_ids"].shape[1]
+        recorder = _Logprobs(logprobs) if logprobs is not None else None
         with torch.inference_mode():
             out = model.generate(**enc, **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop, prompt_len,
-                                                    grammar=grammar))
-        for row, mask in zip(out, enc["attention_mask"]):
+                                                    grammar=grammar, recorder=recorder))
+        if recorder is not None:
+            recorder.finish(out)
+        for r, (row, mask) in enumerate(zip(out, enc["attention_mask"])):
             new = row[prompt_len:].tolist()
             finished = eot in new
             if finished:
                 new = new[:new.index(eot)]
             text, stopped = cut_at_stop(tok.decode(new, skip_special_tokens=True).lstrip(), stop or [])
-            results.append({"text": text.strip(), "prompt_tokens": int(mask.sum()),
-                            "completion_tokens": len(new) + int(finished),
-                            "finish_reason": "stop" if finished or stopped else "length"})
+            result = {"text": text.strip(), "prompt_tokens": int(mask.sum()),
+                      "completion_tokens": len(new) + int(finished),
+                      "finish_reason": "stop" if finished or stopped else "length"}
+            if recorder is not None:
+                offsets = _Offsets(tok).covered(new, len(result["text"]))
+                result["logprobs"] = _token_logprobs(tok, recorder.row(r, len(offsets)), offsets)
+            results.append(result)
     return results
 
 
 def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt: str, max_new_tokens: int,
                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                stop: list[str] | None = None, grammar: Any = None) -> Iterator[dict[str, Any]]:
+                stop: list[str] | None = None, grammar: Any = None,
+                logprobs: int | None = None) -> Iterator[dict[str, Any]]:
     """One completion, piece by piece: {"text": ...} events, then a last {finish_reason, usage counts}.
 
     Generation runs in a thread feeding a streamer; a stop sequence ends it
-    early (the consumer sets a flag the stopping criterion reads).
+    early (the consumer sets a flag the stopping criterion reads). With
+    ``logprobs``, events also carry "logprobs" for the tokens whose text has
+    been sent (the last event has the rest), as in ``generate_text``.
     """
     import threading
 
@@ -183,13 +271,31 @@ def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt
 
     enc = tok([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    recorder = _Logprobs(logprobs) if logprobs is not None else None
     result: dict[str, Any] = {}
 
     def run() -> None:
         with torch.inference_mode():
             result["ids"] = model.generate(**enc, streamer=streamer,
                                            **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop,
-                                                       enc["input_ids"].shape[1], [_Cancelled()], grammar))
+                                                       enc["input_ids"].shape[1], [_Cancelled()], grammar,
+                                                       recorder))
+
+    offsets, reported, sent = _Offsets(tok), 0, 0
+
+    def with_logprobs(event: dict[str, Any]) -> dict[str, Any]:
+        """``event`` plus the entries of the tokens whose text is now out (settled ones: the model may lag)."""
+        nonlocal reported
+        if recorder is None:
+            return event
+        steps = recorder.row(0)
+        ids = [i for i, _, _ in steps]
+        if tok.eos_token_id in ids:
+            ids = ids[:ids.index(tok.eos_token_id)]
+        covered = offsets.covered(ids, sent)
+        event["logprobs"] = _token_logprobs(tok, steps[reported:len(covered)], covered[reported:])
+        reported = len(covered)
+        return event
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
@@ -205,16 +311,20 @@ def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt
             if stopped:
                 cancel.set()
             if text:
-                yield {"text": text}
+                sent += len(text)
+                yield with_logprobs({"text": text})
         if not stopped:
             tail = scanner.flush().rstrip()
             if tail:
-                yield {"text": tail}
+                sent += len(tail)
+                yield with_logprobs({"text": tail})
     finally:
         cancel.set()
         worker.join()
     new = result["ids"][0, enc["input_ids"].shape[1]:].tolist() if "ids" in result else []
+    if recorder is not None and "ids" in result:
+        recorder.finish(result["ids"])
     eos = tok.eos_token_id in new
     n = new.index(tok.eos_token_id) + 1 if eos else len(new)
-    yield {"finish_reason": "stop" if eos or stopped else "length",
-           "prompt_tokens": int(enc["input_ids"].shape[1]), "completion_tokens": n}
+    yield with_logprobs({"finish_reason": "stop" if eos or stopped else "length",
+                         "prompt_tokens": int(enc["input_ids"].shape[1]), "completion_tokens": n})

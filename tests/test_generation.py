@@ -40,3 +40,53 @@ def test_stop_sequences_cut_the_answer_and_end_generation_early(model) -> None: 
     # without a stop, streamed and whole answers are the same text
     events = list(stream_text(m, tok, "Give 5 mg", 12))
     assert "".join(e.get("text", "") for e in events) == free and events[-1]["completion_tokens"] == 12
+
+
+def test_logprobs_are_the_models_own_for_each_answer_token(model) -> None:  # noqa: ANN001
+    import math
+
+    import torch
+
+    from ray_qlora.generation import generate_text, stream_text
+
+    tok, m = model
+    out = generate_text(m, tok, ["Give 5 mg", "The dose is"], 8, 2, logprobs=3)
+    for prompt, result in zip(["Give 5 mg", "The dose is"], out):
+        entries = result["logprobs"]
+        assert entries and "".join(e["token"] for e in entries).strip() == result["text"]
+        # each entry is the model's log-probability of that token given the prompt and the tokens before it
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        for e in entries:
+            with torch.inference_mode():
+                logits = m(torch.tensor([ids])).logits[0, -1].float()
+            expected = torch.log_softmax(logits, -1)
+            token_id = int(expected.argmax())  # greedy: the token picked is the likeliest
+            assert tok.decode([token_id]) == e["token"]
+            assert math.isclose(e["logprob"], float(expected[token_id]), abs_tol=1e-4)
+            assert [t for t, _ in e["top"]][0] == e["token"] and len(e["top"]) == 3
+            assert [v for _, v in e["top"]] == sorted((v for _, v in e["top"]), reverse=True)
+            ids.append(token_id)
+    # streamed: the same entries, spread over the chunks that carry their text
+    events = list(stream_text(m, tok, "Give 5 mg", 8, logprobs=3))
+    streamed = [e for ev in events for e in ev.get("logprobs", [])]
+    assert [e["token"] for e in streamed] == [e["token"] for e in out[0]["logprobs"]]
+    assert all(math.isclose(a["logprob"], b["logprob"], abs_tol=1e-4) for a, b in zip(streamed, out[0]["logprobs"]))
+    assert any(ev.get("logprobs") for ev in events if "text" in ev)  # not all held back to the end
+
+
+def test_logprobs_stop_where_the_answer_is_cut(model) -> None:  # noqa: ANN001
+    from ray_qlora.generation import generate_text, stream_text
+
+    tok, m = model
+    free = generate_text(m, tok, ["Give 5 mg"], 12, logprobs=0)[0]
+    stop = free["text"][8:10]
+    cut = generate_text(m, tok, ["Give 5 mg"], 12, 1, 0.0, 1.0, None, [stop], logprobs=0)[0]
+    tokens = [e["token"] for e in cut["logprobs"]]
+    # the tokens that make up the answer: none past it (the one holding the stop may straddle the cut)
+    assert "".join(tokens).strip().startswith(cut["text"]) and len(tokens) < len(free["logprobs"])
+    assert len("".join(tokens[:-1]).strip()) < len(cut["text"])  # the last one reported still holds answer text
+    assert all(e["top"] == [] for e in cut["logprobs"])  # logprobs=0: no alternatives
+    offsets = [e["offset"] for e in cut["logprobs"]]
+    assert offsets == sorted(offsets) and all(o < len(cut["text"]) for o in offsets)
+    events = list(stream_text(m, tok, "Give 5 mg", 12, stop=[stop], logprobs=0))
+    assert [e["token"] for ev in events for e in ev.get("logprobs", [])] == tokens
