@@ -240,9 +240,36 @@ def test_response_format_makes_answers_follow_the_schema(finished_run) -> None: 
         client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, response_format={
             "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "bogus"}}})
     assert err.value.body["param"] == "response_format" and "bogus" in err.value.body["message"]
-    with pytest.raises(BadRequestError) as err:
-        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, logprobs=True)
-    assert err.value.body["code"] == "unsupported_parameter"
+
+
+def test_logprobs_come_with_each_answer_token(finished_run) -> None:  # noqa: ANN001
+    import math
+
+    _, run = finished_run
+    client = _client(run)
+    msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}
+    for model, extra in (("tiny", {}), ("med-orders", {}), ("tiny", {"response_format": fmt})):
+        out = client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
+                                             logprobs=True, top_logprobs=2, **extra)
+        content = out.choices[0].logprobs.content
+        assert "".join(t.token for t in content).strip() == out.choices[0].message.content
+        for t in content:
+            assert t.logprob <= 0 and bytes(t.bytes).decode("utf-8", "replace") == t.token
+            assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+            if not extra:  # greedy and unconstrained: each token is the model's likeliest
+                assert t.top_logprobs[0].token == t.token and math.isclose(t.top_logprobs[0].logprob, t.logprob)
+        chunks = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
+                                                     logprobs=True, top_logprobs=2, stream=True, **extra))
+        streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        assert [t.token for t in streamed] == [t.token for t in content]
+        assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-3) for a, b in zip(streamed, content))
+    plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None  # only when asked
+    text = client.completions.create(model="tiny", prompt="The dose is", max_tokens=4, temperature=0, logprobs=1)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens).strip() == text.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+    assert lp.text_offset == sorted(lp.text_offset) and all(len(alt) == 1 for alt in lp.top_logprobs)
 
 
 def test_text_completions(finished_run) -> None:  # noqa: ANN001

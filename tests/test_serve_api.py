@@ -14,9 +14,11 @@ from ray_qlora.serve.api import (
     Limits,
     check_budget,
     check_model,
+    chat_logprobs,
     chunk_body,
     make_app,
     sse,
+    text_logprobs,
 )
 
 
@@ -93,6 +95,9 @@ def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {
         "type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(70)}}},
      "response_format.json_schema.schema"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
 ])
 def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, param: str) -> None:
     r = client.post("/v1/chat/completions", json=body)
@@ -101,7 +106,7 @@ def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, p
     assert err["type"] == "invalid_request_error" and err["param"] == param
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"42": 5}),
+@pytest.mark.parametrize("field, value", [("logit_bias", {"42": 5}),
                                           ("tools", [{"type": "function", "function": {"name": "f"}}]),
                                           ("presence_penalty", 0.5), ("frequency_penalty", -1)])
 def test_fields_the_engine_cannot_honour_are_refused_not_ignored(client: TestClient, field: str, value) -> None:  # noqa: ANN001
@@ -111,8 +116,7 @@ def test_fields_the_engine_cannot_honour_are_refused_not_ignored(client: TestCli
     err = _err(r)
     assert (err["param"], err["code"]) == (field, "unsupported_parameter") and field in err["message"]
     # the same field at the value that asks for nothing is fine (clients often send the defaults)
-    harmless = {"logprobs": False, "top_logprobs": None, "logit_bias": {}, "tools": [], "presence_penalty": 0,
-                "frequency_penalty": 0}[field]
+    harmless = {"logit_bias": {}, "tools": [], "presence_penalty": 0, "frequency_penalty": 0}[field]
     assert client.post("/v1/chat/completions", json={**body, field: harmless}).status_code == 200
 
 
@@ -270,6 +274,33 @@ def test_stream_chunks_follow_openai_shapes() -> None:
     usage = chunk_body("chat", "id1", "m", None, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
     assert chunk_body("text", "id2", "m", "abc")["choices"][0]["text"] == "abc"
+    assert last["choices"][0]["logprobs"] is None  # not asked for
+
+
+def test_logprobs_requests_and_bodies_follow_openai_shapes() -> None:
+    user = [{"role": "user", "content": "x"}]
+    assert ChatCompletionRequest(model="m", messages=user).logprob_top is None
+    assert ChatCompletionRequest(model="m", messages=user, logprobs=True).logprob_top == 0
+    assert ChatCompletionRequest(model="m", messages=user, logprobs=True, top_logprobs=3).logprob_top == 3
+    # the legacy API counts: logprobs=0 still asks for each token's own logprob
+    assert CompletionRequest(model="m", prompt="p", logprobs=0).logprob_top == 0
+    assert CompletionRequest(model="m", prompt="p").logprob_top is None
+    entries = [{"token": " 5", "logprob": -0.25, "offset": 0, "top": [(" 5", -0.25), (" five", -float("inf"))]},
+               {"token": "é", "logprob": -1.5, "offset": 2, "top": [("é", -1.5), ("e", -2.0)]}]
+    chat = chat_logprobs(entries)
+    assert chat["content"][0] == {"token": " 5", "logprob": -0.25, "bytes": [32, 53], "top_logprobs": [
+        {"token": " 5", "logprob": -0.25, "bytes": [32, 53]}, {"token": " five", "logprob": -9999.0,
+                                                              "bytes": [32, 102, 105, 118, 101]}]}
+    assert chat["content"][1]["bytes"] == [0xC3, 0xA9]  # UTF-8 bytes, so clients can rejoin split characters
+    json.dumps(chat, allow_nan=False)  # no -Infinity: that is not JSON
+    assert text_logprobs(entries) == {"tokens": [" 5", "é"], "token_logprobs": [-0.25, -1.5],
+                                      "top_logprobs": [{" 5": -0.25, " five": -9999.0}, {"é": -1.5, "e": -2.0}],
+                                      "text_offset": [0, 2]}
+    bare = [{**e, "top": []} for e in entries]
+    assert text_logprobs(bare)["top_logprobs"] is None and chat_logprobs(bare)["content"][0]["top_logprobs"] == []
+    streamed = chunk_body("chat", "id1", "m", " 5é", logprobs=entries)["choices"][0]["logprobs"]
+    assert [c["token"] for c in streamed["content"]] == [" 5", "é"]
+    assert chunk_body("text", "id2", "m", " 5é", logprobs=entries)["choices"][0]["logprobs"]["text_offset"] == [0, 2]
     assert sse("[DONE]") == "data: [DONE]\n\n" and sse({"a": 1}) == 'data: {"a": 1}\n\n'
 
 

@@ -120,6 +120,18 @@ def test_completions_and_content_parts(served: dict[str, Any]) -> None:
     assert parts.choices[0].message.content == _ask(client).choices[0].message.content
 
 
+def test_logprobs_have_the_shape_the_transformers_engine_gives(served: dict[str, Any]) -> None:
+    client = _client(served)
+    out = _ask(client, logprobs=True, top_logprobs=2).choices[0]
+    assert out.message.content == _ask(client).choices[0].message.content  # asking does not change the answer
+    content = out.logprobs.content
+    assert "".join(t.token for t in content).strip() == out.message.content.strip() and len(content) == 12
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    text = client.completions.create(model=MODEL, prompt="The dose is", max_tokens=5, temperature=1.0, seed=7,
+                                     logprobs=1).choices[0]
+    assert "".join(text.logprobs.tokens) == text.text and len(text.logprobs.token_logprobs) == 5
+
+
 def test_stop_strings_end_the_answer(served: dict[str, Any]) -> None:
     client = _client(served)
     full = _ask(client, max_tokens=32).choices[0].message.content

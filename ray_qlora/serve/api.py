@@ -32,6 +32,7 @@ __all__ = [
     "ResponseFormat",
     "check_budget",
     "check_model",
+    "chat_logprobs",
     "check_response_format",
     "chunk_body",
     "completion_body",
@@ -39,6 +40,7 @@ __all__ = [
     "models_body",
     "sse",
     "text_completion_body",
+    "text_logprobs",
 ]
 
 OPEN_PATHS = ("/health", "/health/live", "/health/ready")  # probes never need a key
@@ -156,10 +158,8 @@ class ResponseFormat(BaseModel):
 
 
 # OpenAI fields this server cannot honour, with the value that asks for nothing. A request that sets one
-# gets a 400 instead of an answer that silently ignored it (a client asking for logprobs would read None).
+# gets a 400 instead of an answer that silently ignored it (a client asking for tools would get plain text).
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "logprobs": lambda v: not v,
-    "top_logprobs": lambda v: not v,
     "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
     "functions": lambda v: not v,
@@ -168,6 +168,9 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: not v,
 }
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default max_logprobs too)
 
 
 class _Sampling(BaseModel):
@@ -224,12 +227,29 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def logprob_top(self) -> int | None:
+        """None for no logprobs; else how many alternatives to give per token."""
+        return None
+
 
 class ChatCompletionRequest(_Sampling):
     """The subset of OpenAI's chat request that this server honours; other fields are ignored."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return self
+
+    @property
+    def logprob_top(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod
@@ -251,6 +271,12 @@ class CompletionRequest(_Sampling):
     prompt: Union[str, list[str]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
     echo: bool = False
+    # the legacy API's logprobs is a count: 0 gives each token's own logprob, N adds N alternatives
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def logprob_top(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -332,6 +358,35 @@ def models_body(model_name: str, created: int, adapters: list[str] | None = None
     return {"object": "list", "data": data}
 
 
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # JSON has no -Infinity (a token the model gives no chance at all)
+
+
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """generation's per-token entries in the chat API's shape ({"content": [...]}), or None if not asked."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e["token"], "logprob": _finite(e["logprob"]), "bytes": _bytes(e["token"]),
+                         "top_logprobs": [{"token": t, "logprob": _finite(v), "bytes": _bytes(t)} for t, v in e["top"]]}
+                        for e in entries],
+            "refusal": None}
+
+
+def text_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The same in the legacy completions shape: parallel lists, offsets into the completion's text."""
+    if entries is None:
+        return None
+    alternatives = any(e["top"] for e in entries)
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [_finite(e["logprob"]) for e in entries],
+            "top_logprobs": [{t: _finite(v) for t, v in e["top"]} for e in entries] if alternatives else None,
+            "text_offset": [e["offset"] for e in entries]}
+
+
 def _usage(out: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
             "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
@@ -344,7 +399,7 @@ def completion_body(model_name: str, out: dict[str, Any]) -> dict[str, Any]:
         "created": int(time.time()),
         "model": model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                     "finish_reason": out["finish_reason"], "logprobs": None}],
+                     "finish_reason": out["finish_reason"], "logprobs": chat_logprobs(out.get("logprobs"))}],
         "usage": _usage(out),
     }
 
@@ -355,26 +410,30 @@ def text_completion_body(model_name: str, out: dict[str, Any]) -> dict[str, Any]
         "object": "text_completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [{"index": 0, "text": out["text"], "finish_reason": out["finish_reason"], "logprobs": None}],
+        "choices": [{"index": 0, "text": out["text"], "finish_reason": out["finish_reason"],
+                     "logprobs": text_logprobs(out.get("logprobs"))}],
         "usage": _usage(out),
     }
 
 
 def chunk_body(kind: Literal["chat", "text"], rid: str, model_name: str, text: str | None,
                finish_reason: str | None = None, usage: dict[str, int] | None = None,
-               first: bool = False) -> dict[str, Any]:
-    """One streamed chunk; a usage-only chunk has empty choices (stream_options.include_usage)."""
+               first: bool = False, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One streamed chunk; a usage-only chunk has empty choices (stream_options.include_usage).
+
+    ``logprobs``: generation's entries for the tokens whose text this chunk carries (None if not asked).
+    """
     created = int(time.time())
     if kind == "text":
         choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason,
-                                             "logprobs": None}]
+                                             "logprobs": text_logprobs(logprobs)}]
         body = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": choices}
     else:
         delta: dict[str, Any] = {} if text is None and not first else {"content": text or ""}
         if first:
             delta["role"] = "assistant"
         choices = [] if text is None and finish_reason is None and not first else [
-            {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": chat_logprobs(logprobs)}]
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                 "choices": choices}
     if usage is not None:

@@ -200,7 +200,7 @@ class ChatServer:
                                      media_type="text/event-stream")
         started = time.perf_counter()
         out = await self._generate_batch((prompt, budget, req.temperature, req.top_p, req.seed, tuple(req.stops),
-                                          req.schema_text))
+                                          req.schema_text, req.logprob_top))
         self.metrics.generated("batch", time.perf_counter() - started, out["completion_tokens"])
         return completion_body(self.model_name, out) if kind == "chat" else text_completion_body(self.model_name, out)
 
@@ -216,7 +216,8 @@ class ChatServer:
         budget = self._budget(req, prompt)
         if engine.grammars is None:
             engine.grammars = Grammars(engine.tok, int(engine.model.config.vocab_size))
-        args = (budget, req.temperature, req.top_p, req.seed, req.stops, await self._grammar(engine.grammars, req))
+        args = (budget, req.temperature, req.top_p, req.seed, req.stops, await self._grammar(engine.grammars, req),
+                req.logprob_top)
         if req.stream:
             events = engine.stream(key, prompt, *args)
             return StreamingResponse(self._stream(req, prompt, budget, kind, events), media_type="text/event-stream")
@@ -254,7 +255,7 @@ class ChatServer:
         started, first_token_s = time.perf_counter(), None
         if events is None:
             events = stream_text(self.model, self.tok, prompt, budget, req.temperature, req.top_p, req.seed,
-                                 req.stops, grammar)
+                                 req.stops, grammar, req.logprob_top)
         model_name = req.model
         if kind == "chat":
             yield sse(chunk_body("chat", rid, model_name, "", first=True))
@@ -266,12 +267,14 @@ class ChatServer:
             if "text" in event:
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - started
-                yield sse(chunk_body(kind, rid, model_name, event["text"]))  # type: ignore[arg-type]
+                yield sse(chunk_body(kind, rid, model_name, event["text"],  # type: ignore[arg-type]
+                                     logprobs=event.get("logprobs")))
                 continue
             self.metrics.generated("stream", first_token_s or time.perf_counter() - started,
                                    event["completion_tokens"])
+            # the last tokens' logprobs come with the finish: their text may have been held back until now
             yield sse(chunk_body(kind, rid, model_name, "" if kind == "text" else None,  # type: ignore[arg-type]
-                                 finish_reason=event["finish_reason"]))
+                                 finish_reason=event["finish_reason"], logprobs=event.get("logprobs")))
             if req.include_usage:
                 usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
                          "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
@@ -280,19 +283,19 @@ class ChatServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, reqs: list[tuple]) -> list[dict[str, Any]]:
-        """(prompt, budget, temperature, top_p, seed, stops, schema) each; one generate call per shared setting."""
+        """(prompt, budget, temperature, top_p, seed, stops, schema, logprobs) each; one generate call per setting."""
         from ray_qlora.generation import generate_text
 
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, *settings) in enumerate(reqs):
             groups.setdefault(tuple(settings), []).append(i)
         results: list[dict[str, Any]] = [{}] * len(reqs)
-        for (budget, temp, top_p, seed, stops, schema), idx in groups.items():
+        for (budget, temp, top_p, seed, stops, schema, logprobs), idx in groups.items():
             prompts = [reqs[i][0] for i in idx]
             grammar = self.grammars.compile(schema) if schema else None  # compiled (and cached) by _complete
             # generate is blocking torch work: keep the event loop free for other requests
             outs = await asyncio.to_thread(generate_text, self.model, self.tok, prompts, budget, len(prompts),
-                                           temp, top_p, seed, list(stops), grammar)
+                                           temp, top_p, seed, list(stops), grammar, logprobs)
             for i, o in zip(idx, outs):
                 results[i] = o
         return results
