@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ray_qlora import storage
@@ -11,7 +12,7 @@ from ray_qlora.config import PipelineConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["Prompt", "StopScanner", "cut_at_stop", "eval_prompts", "generate", "generate_text", "inference_dtype",
+__all__ = ["Prompt", "StopScanner", "TokenBias", "cut_at_stop", "eval_prompts", "generate", "generate_text", "inference_dtype",
            "render", "stream_text"]
 
 Prompt = tuple[list[dict[str, str]], str]  # (messages before the answer, reference answer)
@@ -165,9 +166,52 @@ def _token_logprobs(tok: "PreTrainedTokenizerBase", steps: list[tuple[int, float
             for (i, lp, alternatives), off in zip(steps, offsets)]
 
 
+@dataclass(frozen=True)
+class TokenBias:
+    """OpenAI's per-request nudges to the next token's scores: ``logit_bias`` and the two penalties.
+
+    Frozen and hashable: the server batches together requests that share it.
+    """
+
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), -100 to 100
+    presence_penalty: float = 0.0  # taken off every token already in the answer once
+    frequency_penalty: float = 0.0  # taken off per time a token is already in the answer
+
+    def processors(self, prompt_len: int) -> list[Any]:
+        """The logits processors that apply it; none when it asks for nothing."""
+        out: list[Any] = []
+        if self.logit_bias:
+            from transformers import SequenceBiasLogitsProcessor
+
+            out.append(SequenceBiasLogitsProcessor([[[i], b] for i, b in self.logit_bias]))
+        if self.presence_penalty or self.frequency_penalty:
+            out.append(_Penalties(self.presence_penalty, self.frequency_penalty, prompt_len))
+        return out
+
+
+class _Penalties:
+    """Presence and frequency penalties over the tokens generated so far, not the prompt's (as OpenAI and vLLM).
+
+    transformers' own repetition_penalty scales logits and counts the prompt too: another knob.
+    """
+
+    def __init__(self, presence: float, frequency: float, prompt_len: int) -> None:
+        self.presence, self.frequency, self.prompt_len = presence, frequency, prompt_len
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:  # noqa: ANN401
+        import torch
+
+        answer = input_ids[:, self.prompt_len:]
+        if answer.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
 def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: float, top_p: float,
               seed: int | None, stop: list[str] | None, prompt_len: int = 0, extra: list[Any] | None = None,
-              grammar: Any = None, recorder: _Logprobs | None = None) -> dict[str, Any]:
+              grammar: Any = None, recorder: _Logprobs | None = None, bias: TokenBias | None = None
+              ) -> dict[str, Any]:
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -178,7 +222,10 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
         criteria.append(_stop_criteria(tok, list(stop), prompt_len))
     if criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
-    processors: list[Any] = [recorder] if recorder is not None else []  # first: it must see unmasked scores
+    # the recorder first: logprobs are the model's own, before the request's bias and the grammar's mask
+    processors: list[Any] = [recorder] if recorder is not None else []
+    if bias is not None:
+        processors += bias.processors(prompt_len)
     if grammar is not None:  # an xgrammar CompiledGrammar (response_format, eval.constrained)
         from xgrammar.contrib.hf import LogitsProcessor  # single-use: one per generate call
 
@@ -197,24 +244,25 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
 def generate(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", conversations: list[list[dict[str, str]]],
              max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, grammar: Any = None,
-             logprobs: int | None = None) -> list[dict[str, Any]]:
+             logprobs: int | None = None, bias: TokenBias | None = None) -> list[dict[str, Any]]:
     """Batched chat completion; greedy when temperature is 0.
 
     Returns per conversation {text, prompt_tokens, completion_tokens, finish_reason}.
     """
     return generate_text(model, tok, [render(tok, c) for c in conversations], max_new_tokens, batch_size,
-                         temperature, top_p, seed, stop, grammar, logprobs)
+                         temperature, top_p, seed, stop, grammar, logprobs, bias)
 
 
 def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompts: list[str],
                   max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int | None = None, stop: list[str] | None = None, grammar: Any = None,
-                  logprobs: int | None = None) -> list[dict[str, Any]]:
+                  logprobs: int | None = None, bias: TokenBias | None = None) -> list[dict[str, Any]]:
     """Batched completion of raw prompt texts (what ``generate`` does after the chat template).
 
     ``grammar``: a compiled xgrammar grammar every row's answer must follow (see ray_qlora.structured).
     ``logprobs``: None, or how many alternatives to give per token (0 or more); each result
     then also has "logprobs", one entry per token of its text.
+    ``bias``: logit_bias and the presence and frequency penalties.
     """
     import torch
 
@@ -228,7 +276,7 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
         recorder = _Logprobs(logprobs) if logprobs is not None else None
         with torch.inference_mode():
             out = model.generate(**enc, **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop, prompt_len,
-                                                    grammar=grammar, recorder=recorder))
+                                                    grammar=grammar, recorder=recorder, bias=bias))
         if recorder is not None:
             recorder.finish(out)
         for r, (row, mask) in enumerate(zip(out, enc["attention_mask"])):
@@ -250,7 +298,7 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
 def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt: str, max_new_tokens: int,
                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                 stop: list[str] | None = None, grammar: Any = None,
-                logprobs: int | None = None) -> Iterator[dict[str, Any]]:
+                logprobs: int | None = None, bias: TokenBias | None = None) -> Iterator[dict[str, Any]]:
     """One completion, piece by piece: {"text": ...} events, then a last {finish_reason, usage counts}.
 
     Generation runs in a thread feeding a streamer; a stop sequence ends it
@@ -279,7 +327,7 @@ def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt
             result["ids"] = model.generate(**enc, streamer=streamer,
                                            **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop,
                                                        enc["input_ids"].shape[1], [_Cancelled()], grammar,
-                                                       recorder))
+                                                       recorder, bias))
 
     offsets, reported, sent = _Offsets(tok), 0, 0
 

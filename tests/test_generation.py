@@ -90,3 +90,38 @@ def test_logprobs_stop_where_the_answer_is_cut(model) -> None:  # noqa: ANN001
     assert offsets == sorted(offsets) and all(o < len(cut["text"]) for o in offsets)
     events = list(stream_text(m, tok, "Give 5 mg", 12, stop=[stop], logprobs=0))
     assert [e["token"] for ev in events for e in ev.get("logprobs", [])] == tokens
+
+
+def test_penalties_count_only_the_answers_tokens() -> None:
+    import torch
+
+    from ray_qlora.generation import TokenBias
+
+    (penalties,) = TokenBias(presence_penalty=0.5, frequency_penalty=1.0).processors(prompt_len=2)
+    ids = torch.tensor([[1, 2, 3, 3, 4]])  # prompt [1, 2], answer so far [3, 3, 4]
+    out = penalties(ids, torch.zeros(1, 6))
+    # token 3: twice in the answer (2 x 1.0 + 0.5); token 4: once; the prompt's 1 and 2 are not penalised
+    assert out.tolist() == [[0.0, 0.0, 0.0, -2.5, -1.5, 0.0]]
+    assert penalties(ids[:, :2], torch.zeros(1, 6)).tolist() == [[0.0] * 6]  # nothing generated yet
+    assert TokenBias().processors(2) == []
+
+
+def test_logit_bias_and_penalties_steer_the_answer(model) -> None:  # noqa: ANN001
+    from ray_qlora.generation import TokenBias, generate_text, stream_text
+
+    tok, m = model
+    free = generate_text(m, tok, ["The dose is"], 12, logprobs=0)[0]
+    first = tok(" " + free["text"].split()[0], add_special_tokens=False)["input_ids"][0]
+    forced = tok(" mg", add_special_tokens=False)["input_ids"]
+    assert len(forced) == 1
+    bias = TokenBias(logit_bias=((forced[0], 100.0),))
+    assert generate_text(m, tok, ["The dose is"], 4, bias=bias)[0]["text"] == "mg mg mg mg"
+    banned = generate_text(m, tok, ["The dose is"], 4, bias=TokenBias(logit_bias=((first, -100.0),)),
+                           logprobs=0)[0]
+    assert banned["logprobs"][0]["token"] != free["logprobs"][0]["token"]
+    # the tiny model repeats one word; a frequency penalty makes it move on
+    assert len(set(free["text"].split())) == 1
+    varied = generate_text(m, tok, ["The dose is"], 12, bias=TokenBias(frequency_penalty=2.0))[0]
+    assert len(set(varied["text"].split())) > 1
+    streamed = list(stream_text(m, tok, "The dose is", 12, bias=TokenBias(frequency_penalty=2.0)))
+    assert "".join(e.get("text", "") for e in streamed) == varied["text"]
