@@ -272,6 +272,35 @@ def test_logprobs_come_with_each_answer_token(finished_run) -> None:  # noqa: AN
     assert lp.text_offset == sorted(lp.text_offset) and all(len(alt) == 1 for alt in lp.top_logprobs)
 
 
+def test_logit_bias_and_penalties_are_honoured(finished_run, tokenizer_dir: Path) -> None:  # noqa: ANN001
+    from openai import BadRequestError
+    from transformers import AutoTokenizer
+
+    _, run = finished_run
+    client = _client(run)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    (mg,) = tok(" mg", add_special_tokens=False)["input_ids"]
+    msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
+    for model in ("tiny", "med-orders"):
+        out = client.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0,
+                                             logit_bias={str(mg): 100})
+        assert out.choices[0].message.content == "mg mg mg mg"
+    free = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
+    # banning the free answer's first token: logprobs show another one picked
+    first = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1, temperature=0,
+                                           logprobs=True).choices[0].logprobs.content[0].token
+    (first_id,) = tok(first, add_special_tokens=False)["input_ids"]
+    banned = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0,
+                                            logit_bias={str(first_id): -100}, logprobs=True)
+    assert banned.choices[0].logprobs.content[0].token != first
+    penalised = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0,
+                                               frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised.choices[0].message.content != free.choices[0].message.content
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, logit_bias={"10000000": 5})
+    assert err.value.body["code"] == "invalid_logit_bias" and err.value.body["param"] == "logit_bias"
+
+
 def test_text_completions(finished_run) -> None:  # noqa: ANN001
     _, run = finished_run
     client = _client(run)

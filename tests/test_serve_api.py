@@ -13,6 +13,7 @@ from ray_qlora.serve.api import (
     CompletionRequest,
     Limits,
     check_budget,
+    check_logit_bias,
     check_model,
     chat_logprobs,
     chunk_body,
@@ -96,6 +97,10 @@ def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
         "type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(70)}}},
      "response_format.json_schema.schema"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"mg": 5}}, "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"42": 101}}, "logit_bias"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": -3}, "frequency_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      "top_logprobs"),
 ])
@@ -106,9 +111,8 @@ def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, p
     assert err["type"] == "invalid_request_error" and err["param"] == param
 
 
-@pytest.mark.parametrize("field, value", [("logit_bias", {"42": 5}),
-                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("presence_penalty", 0.5), ("frequency_penalty", -1)])
+@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("best_of", 3), ("suffix", "}")])
 def test_fields_the_engine_cannot_honour_are_refused_not_ignored(client: TestClient, field: str, value) -> None:  # noqa: ANN001
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     r = client.post("/v1/chat/completions", json={**body, field: value})
@@ -116,7 +120,7 @@ def test_fields_the_engine_cannot_honour_are_refused_not_ignored(client: TestCli
     err = _err(r)
     assert (err["param"], err["code"]) == (field, "unsupported_parameter") and field in err["message"]
     # the same field at the value that asks for nothing is fine (clients often send the defaults)
-    harmless = {"logit_bias": {}, "tools": [], "presence_penalty": 0, "frequency_penalty": 0}[field]
+    harmless = {"tools": [], "best_of": 1, "suffix": None}[field]
     assert client.post("/v1/chat/completions", json={**body, field: harmless}).status_code == 200
 
 
@@ -275,6 +279,17 @@ def test_stream_chunks_follow_openai_shapes() -> None:
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
     assert chunk_body("text", "id2", "m", "abc")["choices"][0]["text"] == "abc"
     assert last["choices"][0]["logprobs"] is None  # not asked for
+
+
+def test_logit_bias_is_sorted_token_ids_checked_against_the_vocabulary() -> None:
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                                logit_bias={"42": -100, "7": 5, "9": 0})
+    assert req.bias_items == ((7, 5.0), (42, -100.0))  # a zero bias asks for nothing and is dropped
+    check_logit_bias(req.bias_items, 43)
+    with pytest.raises(APIError) as err:
+        check_logit_bias(req.bias_items, 42)
+    assert (err.value.status, err.value.param, err.value.code) == (400, "logit_bias", "invalid_logit_bias")
+    assert "42" in err.value.message and "0 to 41" in err.value.message
 
 
 def test_logprobs_requests_and_bodies_follow_openai_shapes() -> None:

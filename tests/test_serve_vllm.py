@@ -132,6 +132,14 @@ def test_logprobs_have_the_shape_the_transformers_engine_gives(served: dict[str,
     assert "".join(text.logprobs.tokens) == text.text and len(text.logprobs.token_logprobs) == 5
 
 
+def test_logit_bias_takes_token_ids_as_on_the_transformers_engine(served: dict[str, Any], tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    (mg,) = AutoTokenizer.from_pretrained(str(tokenizer_dir))(" mg", add_special_tokens=False)["input_ids"]
+    out = _ask(_client(served), max_tokens=4, logit_bias={str(mg): 100})
+    assert out.choices[0].message.content.strip() == "mg mg mg mg"
+
+
 def test_stop_strings_end_the_answer(served: dict[str, Any]) -> None:
     client = _client(served)
     full = _ask(client, max_tokens=32).choices[0].message.content

@@ -31,6 +31,7 @@ __all__ = [
     "Limits",
     "ResponseFormat",
     "check_budget",
+    "check_logit_bias",
     "check_model",
     "chat_logprobs",
     "check_response_format",
@@ -160,11 +161,8 @@ class ResponseFormat(BaseModel):
 # OpenAI fields this server cannot honour, with the value that asks for nothing. A request that sets one
 # gets a 400 instead of an answer that silently ignored it (a client asking for tools would get plain text).
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
     "functions": lambda v: not v,
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: not v,
 }
@@ -187,6 +185,19 @@ class _Sampling(BaseModel):
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (integers, as strings); got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"a bias is between -100 and 100; token {key} has {bias}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -231,6 +242,11 @@ class _Sampling(BaseModel):
     def logprob_top(self) -> int | None:
         """None for no logprobs; else how many alternatives to give per token."""
         return None
+
+    @property
+    def bias_items(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as sorted (token id, bias) pairs: hashable, so equal requests batch together."""
+        return tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items() if b))
 
 
 class ChatCompletionRequest(_Sampling):
@@ -324,6 +340,14 @@ def check_response_format(raw: Any) -> None:
             check_followable(json.loads(text))
         except SchemaError as err:
             raise schema_error(err) from None
+
+
+def check_logit_bias(items: tuple[tuple[int, float], ...], vocab_size: int) -> None:
+    """A 400 naming the first logit_bias key that is not a token of this model."""
+    for token, _ in items:
+        if token >= vocab_size:
+            raise APIError(400, f"logit_bias: token {token} is not in this model's vocabulary (0 to {vocab_size - 1})",
+                           "logit_bias", code="invalid_logit_bias")
 
 
 def check_model(requested: str, served: str) -> None:

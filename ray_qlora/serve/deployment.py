@@ -25,6 +25,7 @@ from ray.serve.exceptions import RayServeException
 from ray_qlora import storage
 from ray_qlora.adapters import NameCache
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
+from ray_qlora.generation import TokenBias
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
 from ray_qlora.structured import Grammars, SchemaError
 from ray_qlora.serve.api import (
@@ -33,6 +34,7 @@ from ray_qlora.serve.api import (
     CompletionRequest,
     Limits,
     check_budget,
+    check_logit_bias,
     check_model,
     chunk_body,
     completion_body,
@@ -194,13 +196,14 @@ class ChatServer:
             return await self._complete_adapter(req, kind)
         check_model(req.model, self.model_name)
         budget = self._budget(req, prompt)
+        bias = self._bias(req)
         grammar = await self._grammar(self.grammars, req)
         if req.stream:
-            return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar),
+            return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar, bias=bias),
                                      media_type="text/event-stream")
         started = time.perf_counter()
         out = await self._generate_batch((prompt, budget, req.temperature, req.top_p, req.seed, tuple(req.stops),
-                                          req.schema_text, req.logprob_top))
+                                          req.schema_text, req.logprob_top, bias))
         self.metrics.generated("batch", time.perf_counter() - started, out["completion_tokens"])
         return completion_body(self.model_name, out) if kind == "chat" else text_completion_body(self.model_name, out)
 
@@ -216,8 +219,9 @@ class ChatServer:
         budget = self._budget(req, prompt)
         if engine.grammars is None:
             engine.grammars = Grammars(engine.tok, int(engine.model.config.vocab_size))
+        bias = self._bias(req)
         args = (budget, req.temperature, req.top_p, req.seed, req.stops, await self._grammar(engine.grammars, req),
-                req.logprob_top)
+                req.logprob_top, bias)
         if req.stream:
             events = engine.stream(key, prompt, *args)
             return StreamingResponse(self._stream(req, prompt, budget, kind, events), media_type="text/event-stream")
@@ -238,6 +242,12 @@ class ChatServer:
         except SchemaError as err:
             raise schema_error(err) from None
 
+    def _bias(self, req: Request) -> TokenBias | None:
+        """The request's logit_bias and penalties (None if it sets none); a 400 for a token the model lacks."""
+        check_logit_bias(req.bias_items, int(self.model.config.vocab_size))
+        bias = TokenBias(req.bias_items, req.presence_penalty or 0.0, req.frequency_penalty or 0.0)
+        return bias if bias != TokenBias() else None
+
     def _budget(self, req: Request, prompt: str) -> int:
         """Completion tokens this request may use; a 400 before any generation if it breaks a limit."""
         cap = self.cfg.serve.max_new_tokens
@@ -247,7 +257,8 @@ class ChatServer:
         return check_budget(prompt_tokens, requested, cap, self.context, param)
 
     async def _stream(self, req: Request, prompt: str, budget: int, kind: str,
-                      events: Iterator[dict[str, Any]] | None = None, grammar: Any = None) -> AsyncIterator[str]:
+                      events: Iterator[dict[str, Any]] | None = None, grammar: Any = None,
+                      bias: TokenBias | None = None) -> AsyncIterator[str]:
         """SSE chunks as the text comes; usage last when stream_options.include_usage."""
         from ray_qlora.generation import stream_text
 
@@ -255,7 +266,7 @@ class ChatServer:
         started, first_token_s = time.perf_counter(), None
         if events is None:
             events = stream_text(self.model, self.tok, prompt, budget, req.temperature, req.top_p, req.seed,
-                                 req.stops, grammar, req.logprob_top)
+                                 req.stops, grammar, req.logprob_top, bias)
         model_name = req.model
         if kind == "chat":
             yield sse(chunk_body("chat", rid, model_name, "", first=True))
@@ -283,19 +294,19 @@ class ChatServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, reqs: list[tuple]) -> list[dict[str, Any]]:
-        """(prompt, budget, temperature, top_p, seed, stops, schema, logprobs) each; one generate call per setting."""
+        """(prompt, budget, temperature, top_p, seed, stops, schema, logprobs, bias) each; one generate per setting."""
         from ray_qlora.generation import generate_text
 
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, *settings) in enumerate(reqs):
             groups.setdefault(tuple(settings), []).append(i)
         results: list[dict[str, Any]] = [{}] * len(reqs)
-        for (budget, temp, top_p, seed, stops, schema, logprobs), idx in groups.items():
+        for (budget, temp, top_p, seed, stops, schema, logprobs, bias), idx in groups.items():
             prompts = [reqs[i][0] for i in idx]
             grammar = self.grammars.compile(schema) if schema else None  # compiled (and cached) by _complete
             # generate is blocking torch work: keep the event loop free for other requests
             outs = await asyncio.to_thread(generate_text, self.model, self.tok, prompts, budget, len(prompts),
-                                           temp, top_p, seed, list(stops), grammar, logprobs)
+                                           temp, top_p, seed, list(stops), grammar, logprobs, bias)
             for i, o in zip(idx, outs):
                 results[i] = o
         return results
