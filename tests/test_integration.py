@@ -301,6 +301,23 @@ def test_logit_bias_and_penalties_are_honoured(finished_run, tokenizer_dir: Path
     assert err.value.body["code"] == "invalid_logit_bias" and err.value.body["param"] == "logit_bias"
 
 
+def test_n_choices_come_from_one_seeded_batch(finished_run) -> None:  # noqa: ANN001
+    _, run = finished_run
+    client = _client(run)
+    kw = {"prompt": "The dose is", "max_tokens": 8, "temperature": 1.5, "seed": 11}
+    one = client.completions.create(model="tiny", n=4, **kw)
+    texts = [c.text for c in one.choices]
+    assert [c.index for c in one.choices] == [0, 1, 2, 3] and len(set(texts)) > 1  # sampled apart, not copies
+    assert one.usage.completion_tokens <= 4 * 8 and one.usage.prompt_tokens == 3  # the prompt counted once
+    assert [c.text for c in client.completions.create(model="tiny", n=4, **kw).choices] == texts  # the seed fixes all
+    msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
+    for model in ("tiny", "med-orders"):
+        greedy = client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, n=2)
+        assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
+        assert greedy.usage.completion_tokens == 2 * client.chat.completions.create(
+            model=model, messages=msgs, max_tokens=8, temperature=0).usage.completion_tokens
+
+
 def test_text_completions(finished_run) -> None:  # noqa: ANN001
     _, run = finished_run
     client = _client(run)
@@ -320,7 +337,7 @@ def test_bad_requests_get_4xx_with_error_body(finished_run) -> None:  # noqa: AN
         (b"{oops", 400, None),
         (json.dumps({"model": "tiny", "messages": []}).encode(), 400, None),
         (json.dumps({"model": "tiny", "messages": user, "temperature": -1}).encode(), 400, None),
-        (json.dumps({"model": "tiny", "messages": user, "n": 2}).encode(), 400, None),
+        (json.dumps({"model": "tiny", "messages": user, "n": 17}).encode(), 400, "too_many_choices"),
         (json.dumps({"model": "other", "messages": user}).encode(), 404, "model_not_found"),
         (json.dumps({"model": "tiny", "messages": user, "max_tokens": 17}).encode(), 400, "max_tokens_exceeded"),
         # the tiny model's context is 512 tokens

@@ -17,8 +17,10 @@ from ray_qlora.serve.api import (
     check_model,
     chat_logprobs,
     chunk_body,
+    completion_body,
     make_app,
     sse,
+    text_completion_body,
     text_logprobs,
 )
 
@@ -83,7 +85,8 @@ def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
     ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "n"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -279,6 +282,20 @@ def test_stream_chunks_follow_openai_shapes() -> None:
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
     assert chunk_body("text", "id2", "m", "abc")["choices"][0]["text"] == "abc"
     assert last["choices"][0]["logprobs"] is None  # not asked for
+
+
+def test_one_choice_per_answer_and_the_prompt_counted_once() -> None:
+    outs = [{"text": "a", "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 2},
+            {"text": "b c", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 3}]
+    chat = completion_body("m", outs)
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in chat["choices"]] == [
+        (0, "a", "stop"), (1, "b c", "length")]
+    assert chat["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert [c["text"] for c in text_completion_body("m", outs)["choices"]] == ["a", "b c"]
+    assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], n=16).n == 16
+    with pytest.raises(APIError) as err:
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], n=17)
+    assert (err.value.param, err.value.code) == ("n", "too_many_choices")
 
 
 def test_logit_bias_is_sorted_token_ids_checked_against_the_vocabulary() -> None:

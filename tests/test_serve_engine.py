@@ -97,6 +97,10 @@ def test_requests_are_capped_and_cleaned_before_the_engine() -> None:
     with pytest.raises(APIError) as err:
         rewrite_request(st, {"model": "m", "max_completion_tokens": 65}, "/v1/chat/completions")
     assert err.value.status == 400 and err.value.code == "max_tokens_exceeded" and "65" in err.value.message
+    assert rewrite_request(st, {"model": "m", "messages": [], "n": 16}, "/v1/chat/completions")[0]["n"] == 16
+    with pytest.raises(APIError) as err:
+        rewrite_request(st, {"model": "m", "messages": [], "n": 17}, "/v1/chat/completions")
+    assert (err.value.status, err.value.param, err.value.code) == (400, "n", "too_many_choices")
 
 
 @pytest.mark.parametrize("fmt, param, code", [

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = [
+    "MAX_CHOICES",
     "APIError",
     "ChatCompletionRequest",
     "ChatMessage",
@@ -31,6 +32,7 @@ __all__ = [
     "Limits",
     "ResponseFormat",
     "check_budget",
+    "check_choices",
     "check_logit_bias",
     "check_model",
     "chat_logprobs",
@@ -169,6 +171,7 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default max_logprobs too)
+MAX_CHOICES = 16  # n: one request's choices are one generate call, rows x max_tokens of work
 
 
 class _Sampling(BaseModel):
@@ -210,12 +213,15 @@ class _Sampling(BaseModel):
                                    name, code="unsupported_parameter")
         return data
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("n > 1 is not supported: send one request per choice (with different seeds)")
-        return v
+    @model_validator(mode="after")
+    def _choices_whole(self) -> "_Sampling":
+        check_choices(self.n)
+        if self.n > 1 and self.stream:
+            # streamed generation here runs one row at a time (transformers' streamer takes batch 1)
+            raise APIError(400, "n > 1 with stream: true is not supported by serve.engine: transformers; "
+                                "use stream: false, or one streamed request per choice", "n",
+                           code="unsupported_parameter")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -342,6 +348,13 @@ def check_response_format(raw: Any) -> None:
             raise schema_error(err) from None
 
 
+def check_choices(n: int) -> None:
+    """A 400 for more choices than one request may ask for (both engines: a request's work stays bounded)."""
+    if n > MAX_CHOICES:
+        raise APIError(400, f"n is {n}, above this server's limit of {MAX_CHOICES} choices per request", "n",
+                       code="too_many_choices")
+
+
 def check_logit_bias(items: tuple[tuple[int, float], ...], vocab_size: int) -> None:
     """A 400 naming the first logit_bias key that is not a token of this model."""
     for token, _ in items:
@@ -411,32 +424,35 @@ def text_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None
             "text_offset": [e["offset"] for e in entries]}
 
 
-def _usage(out: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+def _usage(outs: list[dict[str, Any]]) -> dict[str, int]:
+    """The prompt once (every choice shares it), the completion tokens of all choices."""
+    prompt, completion = outs[0]["prompt_tokens"], sum(o["completion_tokens"] for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_body(model_name: str, out: dict[str, Any]) -> dict[str, Any]:
+def completion_body(model_name: str, outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chat completion with one choice per generated answer (``n`` of them)."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                     "finish_reason": out["finish_reason"], "logprobs": chat_logprobs(out.get("logprobs"))}],
-        "usage": _usage(out),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": out["text"]},
+                     "finish_reason": out["finish_reason"], "logprobs": chat_logprobs(out.get("logprobs"))}
+                    for i, out in enumerate(outs)],
+        "usage": _usage(outs),
     }
 
 
-def text_completion_body(model_name: str, out: dict[str, Any]) -> dict[str, Any]:
+def text_completion_body(model_name: str, outs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [{"index": 0, "text": out["text"], "finish_reason": out["finish_reason"],
-                     "logprobs": text_logprobs(out.get("logprobs"))}],
-        "usage": _usage(out),
+        "choices": [{"index": i, "text": out["text"], "finish_reason": out["finish_reason"],
+                     "logprobs": text_logprobs(out.get("logprobs"))} for i, out in enumerate(outs)],
+        "usage": _usage(outs),
     }
 
 

@@ -202,10 +202,11 @@ class ChatServer:
             return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar, bias=bias),
                                      media_type="text/event-stream")
         started = time.perf_counter()
-        out = await self._generate_batch((prompt, budget, req.temperature, req.top_p, req.seed, tuple(req.stops),
-                                          req.schema_text, req.logprob_top, bias))
-        self.metrics.generated("batch", time.perf_counter() - started, out["completion_tokens"])
-        return completion_body(self.model_name, out) if kind == "chat" else text_completion_body(self.model_name, out)
+        outs = await self._generate_batch((prompt, req.n, budget, req.temperature, req.top_p, req.seed,
+                                           tuple(req.stops), req.schema_text, req.logprob_top, bias))
+        self.metrics.generated("batch", time.perf_counter() - started, sum(o["completion_tokens"] for o in outs))
+        body = completion_body if kind == "chat" else text_completion_body
+        return body(self.model_name, outs)
 
     async def _complete_adapter(self, req: Request, kind: str) -> Union[dict[str, Any], StreamingResponse]:
         """A request naming a registry adapter: loaded on demand into the shared base, then generated with."""
@@ -225,9 +226,9 @@ class ChatServer:
         if req.stream:
             events = engine.stream(key, prompt, *args)
             return StreamingResponse(self._stream(req, prompt, budget, kind, events), media_type="text/event-stream")
-        out = (await asyncio.to_thread(engine.generate, key, [prompt], budget, 1, *args[1:]))[0]
+        outs = await asyncio.to_thread(engine.generate, key, [prompt] * req.n, budget, req.n, *args[1:])
         body = completion_body if kind == "chat" else text_completion_body
-        return body(req.model, out)
+        return body(req.model, outs)
 
     @staticmethod
     async def _grammar(grammars: Grammars, req: Request) -> Any:
@@ -293,22 +294,26 @@ class ChatServer:
         yield sse("[DONE]")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, reqs: list[tuple]) -> list[dict[str, Any]]:
-        """(prompt, budget, temperature, top_p, seed, stops, schema, logprobs, bias) each; one generate per setting."""
+    async def _generate_batch(self, reqs: list[tuple]) -> list[list[dict[str, Any]]]:
+        """(prompt, n, budget, temperature, top_p, seed, stops, schema, logprobs, bias) each: its n answers.
+
+        One generate call per shared setting, with a row per choice: a request's choices come from one
+        batch, so a seeded sample gives n different answers (a second call re-seeded would repeat them).
+        """
         from ray_qlora.generation import generate_text
 
         groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, (_, *settings) in enumerate(reqs):
+        for i, (_, _, *settings) in enumerate(reqs):
             groups.setdefault(tuple(settings), []).append(i)
-        results: list[dict[str, Any]] = [{}] * len(reqs)
+        results: list[list[dict[str, Any]]] = [[] for _ in reqs]
         for (budget, temp, top_p, seed, stops, schema, logprobs, bias), idx in groups.items():
-            prompts = [reqs[i][0] for i in idx]
+            prompts = [reqs[i][0] for i in idx for _ in range(reqs[i][1])]
             grammar = self.grammars.compile(schema) if schema else None  # compiled (and cached) by _complete
             # generate is blocking torch work: keep the event loop free for other requests
-            outs = await asyncio.to_thread(generate_text, self.model, self.tok, prompts, budget, len(prompts),
-                                           temp, top_p, seed, list(stops), grammar, logprobs, bias)
-            for i, o in zip(idx, outs):
-                results[i] = o
+            outs = iter(await asyncio.to_thread(generate_text, self.model, self.tok, prompts, budget, len(prompts),
+                                                temp, top_p, seed, list(stops), grammar, logprobs, bias))
+            for i in idx:
+                results[i] = [next(outs) for _ in range(reqs[i][1])]
         return results
 
 

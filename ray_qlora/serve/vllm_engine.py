@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 from ray_qlora import adapters, storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
-from ray_qlora.serve.api import (APIError, Limits, _LimitsMiddleware, check_response_format, models_body, read_body,
-                                 replaying)
+from ray_qlora.serve.api import (APIError, Limits, _LimitsMiddleware, check_choices, check_response_format,
+                                 models_body, read_body, replaying)
 
 __all__ = ["build_vllm_app", "cpu_head_sizes", "engine_problem", "llm_configs"]
 
@@ -227,7 +227,8 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
     """The request as the engine takes it, and the internal model id to show clients under their name.
 
     Raises APIError for a model that is neither the merged model nor a registry adapter, for
-    max_tokens above serve.max_new_tokens, and for a response_format no grammar can follow.
+    max_tokens above serve.max_new_tokens, n above the choices cap (as on the transformers engine),
+    and for a response_format no grammar can follow.
     """
     assert st.cfg is not None
     model = body.get("model")
@@ -240,6 +241,8 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
         if isinstance(asked, int) and asked > cap:
             raise APIError(400, f"{param} is {asked}, above this server's limit of {cap} (serve.max_new_tokens)",
                            param, code="max_tokens_exceeded")
+    if isinstance(body.get("n"), int):
+        check_choices(body["n"])
     body.pop("chat_template", None)  # templates run as code in the engine: only the registry's are taken
     if body.get("response_format") is not None:
         check_response_format(body["response_format"])
