@@ -87,6 +87,14 @@ def test_structured_output_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa:
     assert "ratio constrained / free tokens/s" in capsys.readouterr().out
 
 
+def test_logprobs_cost_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("logprobs_cost").main(["--base", str(tiny_model_dir), "--n", "3", "--batch-size", "3",
+                                       "--new-tokens", "8"])
+    assert out["same_answers"] and out["batched_ratio"] > 0 and out["streamed_ratio"] > 0
+    assert all(side["tokens"] == 3 * 8 for side in out["sides"].values())  # the random model never stops early
+    assert "ratio top-20 logprobs / free tokens/s" in capsys.readouterr().out
+
+
 def test_serve_load_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
     out = _load("serve_load").main(["--base", str(tiny_model_dir), "--requests", "8", "--concurrency", "4",
                                     "--tokens", "4", "--threads", "1", "--engine", "transformers"])
