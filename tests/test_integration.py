@@ -8,6 +8,7 @@ error cases a client can cause.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -310,6 +311,11 @@ def test_n_choices_come_from_one_seeded_batch(finished_run) -> None:  # noqa: AN
     assert [c.index for c in one.choices] == [0, 1, 2, 3] and len(set(texts)) > 1  # sampled apart, not copies
     assert one.usage.completion_tokens <= 4 * 8 and one.usage.prompt_tokens == 3  # the prompt counted once
     assert [c.text for c in client.completions.create(model="tiny", n=4, **kw).choices] == texts  # the seed fixes all
+    # also when identical seeded requests arrive together (the server batches concurrent requests)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda _: [c.text for c in client.completions.create(model="tiny", n=4, **kw).choices],
+                                 range(4)))
+    assert together == [texts] * 4
     msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
     for model in ("tiny", "med-orders"):
         greedy = client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, n=2)

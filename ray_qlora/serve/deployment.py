@@ -304,9 +304,12 @@ class ChatServer:
 
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, _, *settings) in enumerate(reqs):
-            groups.setdefault(tuple(settings), []).append(i)
+            seeded = settings[3] is not None
+            # a seeded request samples alone: rows of one batch draw from one random stream, so sharing a
+            # batch with another request (even an identical one) would change its answer
+            groups.setdefault((*settings, i) if seeded else tuple(settings), []).append(i)
         results: list[list[dict[str, Any]]] = [[] for _ in reqs]
-        for (budget, temp, top_p, seed, stops, schema, logprobs, bias), idx in groups.items():
+        for (budget, temp, top_p, seed, stops, schema, logprobs, bias, *_), idx in groups.items():
             prompts = [reqs[i][0] for i in idx for _ in range(reqs[i][1])]
             grammar = self.grammars.compile(schema) if schema else None  # compiled (and cached) by _complete
             # generate is blocking torch work: keep the event loop free for other requests
