@@ -332,7 +332,10 @@ def stream_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompt
     offsets, reported, sent = _Offsets(tok), 0, 0
 
     def with_logprobs(event: dict[str, Any]) -> dict[str, Any]:
-        """``event`` plus the entries of the tokens whose text is now out (settled ones: the model may lag)."""
+        """``event`` plus the entries of the tokens whose text is now out.
+
+        Only settled steps: a token's logprob is known once the next step starts (or generation ends).
+        """
         nonlocal reported
         if recorder is None:
             return event
