@@ -37,9 +37,13 @@ def eval_prompts(cfg: PipelineConfig, run: storage.RunPaths, limit: int) -> list
     return out
 
 
-def render(tok: "PreTrainedTokenizerBase", conversation: list[dict[str, str]]) -> str:
-    """The prompt text of a conversation: its chat template with the assistant's turn opened."""
-    return tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+def render(tok: "PreTrainedTokenizerBase", conversation: list[dict[str, Any]],
+           tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text of a conversation: its chat template with the assistant's turn opened.
+
+    ``tools``: OpenAI-style function tools, for templates that show them to the model (others ignore them).
+    """
+    return tok.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

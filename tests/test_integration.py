@@ -53,7 +53,7 @@ def finished_run(local_s3, ray_local, tiny_model_dir: Path, tmp_path_factory):  
         "eval": {"max_examples": 4, "max_new_tokens": 12, "batch_size": 2, "compare_adapter": True,
                  "json_schema": ORDER_SCHEMA, "constrained": True},
         "adapters": {"name": "med-orders", "top_k": 2},
-        "serve": {"port": free_port(), "model_name": "tiny", "max_new_tokens": 16, "max_body_bytes": 65536,
+        "serve": {"port": free_port(), "model_name": "tiny", "max_new_tokens": 48, "max_body_bytes": 65536,
                   "api_key_file": str(key_file)},
     })
     upload_sample("s3://it-bucket/raw", cfg.storage)
@@ -226,7 +226,7 @@ def test_response_format_makes_answers_follow_the_schema(finished_run) -> None: 
 
     _, run = finished_run
     client = _client(run)
-    schema = ORDER_SCHEMA  # at most 12 tokens however the model spells it: within the 16 allowed
+    schema = ORDER_SCHEMA  # at most 12 tokens however the model spells it: within the 16 asked for
     fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": schema, "strict": True}}
     msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
     for model in ("tiny", "med-orders"):  # the merged model, and an adapter on the shared base
@@ -271,6 +271,64 @@ def test_logprobs_come_with_each_answer_token(finished_run) -> None:  # noqa: AN
     lp = text.choices[0].logprobs
     assert "".join(lp.tokens).strip() == text.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
     assert lp.text_offset == sorted(lp.text_offset) and all(len(alt) == 1 for alt in lp.top_logprobs)
+
+
+ORDER_TOOL = {"type": "function", "function": {
+    "name": "place_order", "description": "Place a medication order",
+    "parameters": {"type": "object", "required": ["route", "times_a_day"], "additionalProperties": False,
+                   "properties": {"route": {"enum": ["PO", "IV"]},
+                                  "times_a_day": {"type": "integer", "minimum": 1, "maximum": 4}}}}}
+
+
+def _valid_order(call) -> bool:  # noqa: ANN001
+    args = json.loads(call.function.arguments)
+    return call.function.name == "place_order" and args["route"] in ("PO", "IV") and 1 <= args["times_a_day"] <= 4
+
+
+def test_forced_tool_calls_come_back_as_openai_tool_calls(finished_run) -> None:  # noqa: ANN001
+    from openai import BadRequestError
+
+    _, run = finished_run
+    client = _client(run)
+    msgs = [{"role": "user", "content": "Give aspirin 81 mg PO daily."}]
+    named = {"type": "function", "function": {"name": "place_order"}}
+    for model in ("tiny", "med-orders"):
+        out = client.chat.completions.create(model=model, messages=msgs, tools=[ORDER_TOOL], tool_choice=named,
+                                             max_tokens=24, temperature=0)
+        choice = out.choices[0]
+        assert choice.finish_reason == "stop" and choice.message.content is None  # OpenAI's shape for a named call
+        (call,) = choice.message.tool_calls
+        assert _valid_order(call) and call.id.startswith("call_")
+        required = client.chat.completions.create(model=model, messages=msgs, tools=[ORDER_TOOL],
+                                                  tool_choice="required", parallel_tool_calls=False,
+                                                  max_tokens=48, temperature=0)
+        assert required.choices[0].finish_reason == "tool_calls"
+        assert [c.function.arguments for c in required.choices[0].message.tool_calls] == [call.function.arguments]
+        # streamed: the SDK's chunks carry the same call
+        chunks = list(client.chat.completions.create(model=model, messages=msgs, tools=[ORDER_TOOL],
+                                                     tool_choice=named, max_tokens=24, temperature=0, stream=True))
+        deltas = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls
+                  for tc in c.choices[0].delta.tool_calls]
+        assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
+            (0, "place_order", call.function.arguments)]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    # the tool's result goes back in the conversation; tool_choice 'none' then asks for text
+    follow_up = [*msgs, out.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"status": "placed"}'}]
+    text = client.chat.completions.create(model="tiny", messages=follow_up, tools=[ORDER_TOOL], tool_choice="none",
+                                          max_tokens=4, temperature=0)
+    assert text.choices[0].message.tool_calls is None and isinstance(text.choices[0].message.content, str)
+    # 'auto' (the default with tools): calls are read as Hermes <tool_call> tags, which this tiny model
+    # never writes, so it answers in text, as it does without tools (its template does not show them)
+    auto = client.chat.completions.create(model="tiny", messages=msgs, tools=[ORDER_TOOL], max_tokens=8,
+                                          temperature=0)
+    free = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    assert auto.choices[0].message.tool_calls is None
+    assert auto.choices[0].message.content == free.choices[0].message.content
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": 7}}}
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=msgs, tools=[bad], tool_choice="required")
+    assert (err.value.body["param"], err.value.body["code"]) == ("tools", "invalid_json_schema")
 
 
 def test_logit_bias_and_penalties_are_honoured(finished_run, tokenizer_dir: Path) -> None:  # noqa: ANN001
@@ -345,7 +403,7 @@ def test_bad_requests_get_4xx_with_error_body(finished_run) -> None:  # noqa: AN
         (json.dumps({"model": "tiny", "messages": user, "temperature": -1}).encode(), 400, None),
         (json.dumps({"model": "tiny", "messages": user, "n": 17}).encode(), 400, "too_many_choices"),
         (json.dumps({"model": "other", "messages": user}).encode(), 404, "model_not_found"),
-        (json.dumps({"model": "tiny", "messages": user, "max_tokens": 17}).encode(), 400, "max_tokens_exceeded"),
+        (json.dumps({"model": "tiny", "messages": user, "max_tokens": 49}).encode(), 400, "max_tokens_exceeded"),
         # the tiny model's context is 512 tokens
         (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "dose " * 600}]}).encode(), 400,
          "context_length_exceeded"),

@@ -58,6 +58,14 @@ def _nested(levels: int) -> dict:
     return schema
 
 
+_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def _call(arguments: str) -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+
+
 def _err(resp) -> dict:  # noqa: ANN001
     body = resp.json()
     assert set(body) == {"error"}
@@ -106,6 +114,25 @@ def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": -3}, "frequency_penalty"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [_TOOL, _TOOL]}, "tools"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.0.function.name"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": _nested(70)}}]},
+     "tools.0.function.parameters"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [_TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [_TOOL], "tool_choice": "sometimes"},
+     "tool_choice"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [_TOOL], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "sunny"}]},
+     "messages.1"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "user"}]}, "messages.1"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"},
+                                 {"role": "assistant", "tool_calls": [_call("not json")]},
+                                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]}, "messages"),
 ])
 def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, param: str) -> None:
     r = client.post("/v1/chat/completions", json=body)
@@ -114,8 +141,7 @@ def test_bad_requests_are_400_with_openai_body(client: TestClient, body: dict, p
     assert err["type"] == "invalid_request_error" and err["param"] == param
 
 
-@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("best_of", 3), ("suffix", "}")])
+@pytest.mark.parametrize("field, value", [("functions", [{"name": "f"}]), ("best_of", 3), ("suffix", "}")])
 def test_fields_the_engine_cannot_honour_are_refused_not_ignored(client: TestClient, field: str, value) -> None:  # noqa: ANN001
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     r = client.post("/v1/chat/completions", json={**body, field: value})
@@ -123,7 +149,7 @@ def test_fields_the_engine_cannot_honour_are_refused_not_ignored(client: TestCli
     err = _err(r)
     assert (err["param"], err["code"]) == (field, "unsupported_parameter") and field in err["message"]
     # the same field at the value that asks for nothing is fine (clients often send the defaults)
-    harmless = {"tools": [], "best_of": 1, "suffix": None}[field]
+    harmless = {"functions": [], "best_of": 1, "suffix": None}[field]
     assert client.post("/v1/chat/completions", json={**body, field: harmless}).status_code == 200
 
 
@@ -270,6 +296,38 @@ def test_api_keys_from_env_and_file(tmp_path, monkeypatch) -> None:  # noqa: ANN
     monkeypatch.setenv("RAY_QLORA_API_KEYS", "a, b,,")
     (tmp_path / "keys").write_text("c\n\nd\n")
     assert api_keys(cfg(api_key_file=str(tmp_path / "keys"))) == ["a", "b", "c", "d"]
+
+
+def test_a_tool_conversation_reaches_the_template_as_templates_read_it(client: TestClient) -> None:
+    """The assistant's earlier call (arguments as an object, as chat templates write them) and the tool's answer."""
+    r = client.post("/v1/chat/completions", json={"model": "m", "tools": [_TOOL], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [_call('{"city": "Paris"}')]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["conversation"][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+
+
+def test_tools_belong_to_chat() -> None:
+    with pytest.raises(APIError) as err:
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", "tools": [_TOOL]})
+    assert (err.value.param, err.value.code) == ("tools", "unsupported_parameter")
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "p", "tools": []}).prompt == "p"
+
+
+def test_tool_calls_in_answers_and_chunks() -> None:
+    call = _call('{"city": "Paris"}')
+    out = {"text": None, "finish_reason": "tool_calls", "prompt_tokens": 5, "completion_tokens": 9,
+           "tool_calls": [call]}
+    message = completion_body("m", [out])["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "tool_calls": [call]}
+    plain = completion_body("m", [{**out, "text": "hi", "tool_calls": None}])["choices"][0]["message"]
+    assert plain == {"role": "assistant", "content": "hi"}  # no tool_calls key when none were made
+    chunk = chunk_body("chat", "id1", "m", None, tool_calls=[call, {**call, "id": "call_2"}])
+    assert chunk["choices"][0]["delta"] == {"tool_calls": [{"index": 0, **call}, {"index": 1, **call, "id": "call_2"}]}
 
 
 def test_stream_chunks_follow_openai_shapes() -> None:

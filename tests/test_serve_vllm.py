@@ -173,6 +173,34 @@ def test_response_format_makes_answers_follow_the_schema(served: dict[str, Any])
     assert (err.value.body["param"], err.value.body["code"]) == ("response_format", "invalid_json_schema")
 
 
+def test_forced_tool_calls_have_the_shape_the_transformers_engine_gives(served: dict[str, Any]) -> None:
+    import jsonschema
+    from openai import BadRequestError
+
+    params = {"type": "object", "properties": {"r": {"enum": ["PO", "IV"]}, "n": {"type": "integer", "minimum": 1,
+                                                                                   "maximum": 4}},
+              "required": ["r", "n"], "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "order", "parameters": params}}
+    client = _client(served)
+    for model in (MODEL, "task-a"):
+        named = _ask(client, model, max_tokens=32, tools=[tool],
+                     tool_choice={"type": "function", "function": {"name": "order"}}).choices[0]
+        assert named.finish_reason == "stop", named
+        (call,) = named.message.tool_calls
+        assert call.function.name == "order" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), params)
+    # 'auto' (the default with tools): a random model writes no <tool_call>, so it answers in text
+    auto = _ask(client, tools=[tool]).choices[0]
+    assert auto.message.tool_calls in (None, []) and auto.message.content == _ask(client).choices[0].message.content
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}
+    with pytest.raises(BadRequestError) as err:
+        _ask(client, tools=[bad], tool_choice="required")
+    assert (err.value.body["param"], err.value.body["code"]) == ("tools", "invalid_json_schema")
+    with pytest.raises(BadRequestError) as err:
+        _ask(client, tools=[tool], tool_choice={"type": "function", "function": {"name": "other"}})
+    assert err.value.body["param"] == "tool_choice"
+
+
 def test_adapters_by_registry_name(served: dict[str, Any]) -> None:
     client = _client(served)
     merged = _ask(client).choices[0].message.content

@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_qlora.serve.tools import ToolMode, call_schema
+
 __all__ = [
     "MAX_CHOICES",
     "APIError",
@@ -37,6 +39,7 @@ __all__ = [
     "check_logit_bias",
     "check_model",
     "check_response_format",
+    "check_tools",
     "chunk_body",
     "completion_body",
     "make_app",
@@ -75,20 +78,66 @@ class TextPart(BaseModel):
         return v
 
 
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class CalledFunction(FunctionName):
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made earlier in the conversation (sent back by the client with the tool's result)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def as_dict(self) -> dict[str, Any]:
+        """Arguments as an object: chat templates write them with ``tojson`` (vLLM passes them the same way)."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            raise ValueError(f"tool call {self.id!r}: function.arguments is not JSON") from None
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _join_parts(cls, v: Union[str, list[TextPart]]) -> str:
+    def _join_parts(cls, v: Union[str, list[TextPart], None]) -> str | None:
         # A list of text parts means their texts one after another (as OpenAI and vLLM read it).
-        return v if isinstance(v, str) else "\n".join(p.text for p in v)
+        return v if v is None or isinstance(v, str) else "\n".join(p.text for p in v)
 
-    def as_dict(self) -> dict[str, str]:
+    @model_validator(mode="after")
+    def _complete(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
         """For the chat template: 'developer' is OpenAI's newer name for 'system'."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": str(self.content)}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [c.as_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -160,11 +209,37 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _not_too_deep(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and _depth(v) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        return v
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
+
+
 # OpenAI fields this server cannot honour, with the value that asks for nothing. A request that sets one
 # gets a 400 instead of an answer that silently ignored it (a client asking for tools would get plain text).
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: not v,
-    "functions": lambda v: not v,
+    "functions": lambda v: not v,  # the deprecated form of tools
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: not v,
 }
@@ -262,12 +337,60 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         return self
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> "ChatCompletionRequest":
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise APIError(400, f"tools: function names must be unique; got {names}", "tools")
+        mode = self.tool_mode
+        if mode in ("required", "named") and not names:
+            raise APIError(400, f"tool_choice {self.tool_choice_name or mode!r} needs tools to call", "tool_choice")
+        if mode == "named" and self.tool_choice_name not in names:
+            raise APIError(400, f"tool_choice names {self.tool_choice_name!r}, which is not among tools {names}",
+                           "tool_choice")
+        if mode in ("required", "named") and self.response_format and self.response_format.type != "text":
+            # both would set the grammar the answer follows: a call's arguments, or the response's JSON
+            raise APIError(400, "response_format cannot be combined with a forced tool_choice; the call's "
+                                "arguments already follow the function's parameters", "response_format")
+        return self
+
+    @property
+    def tool_mode(self) -> ToolMode:
+        """How this request uses tools: OpenAI's default is 'auto' when tools are sent, else 'none'."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice if self.tools or self.tool_choice != "auto" else "none"
+
+    @property
+    def tool_choice_name(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def functions(self) -> list[dict[str, Any]]:
+        """The offered functions as plain dicts (what chat templates and the call schemas read)."""
+        return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
+
+    @property
+    def schema_text(self) -> str | None:
+        """A forced tool call's schema, else response_format's (None for free text)."""
+        schema = call_schema(self.functions, self.tool_mode, self.tool_choice_name, self.parallel_tool_calls)
+        return json.dumps(schema) if schema is not None else super().schema_text
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them (a template that writes tools shows them to the model)."""
+        return [{"type": "function", "function": f} for f in self.functions] or None
 
     @property
     def logprob_top(self) -> int | None:
@@ -283,8 +406,11 @@ class ChatCompletionRequest(_Sampling):
     def requested_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [m.as_dict() for m in self.messages]
+    def conversation(self) -> list[dict[str, Any]]:
+        try:
+            return [m.as_dict() for m in self.messages]
+        except ValueError as err:
+            raise APIError(400, f"messages: {err}", "messages") from None
 
 
 class CompletionRequest(_Sampling):
@@ -299,6 +425,15 @@ class CompletionRequest(_Sampling):
     @property
     def logprob_top(self) -> int | None:
         return self.logprobs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools(cls, data: Any) -> Any:
+        for name in ("tools", "tool_choice"):
+            if isinstance(data, dict) and data.get(name):
+                raise APIError(400, f"{name} is for chat: send it to /v1/chat/completions", name,
+                               code="unsupported_parameter")
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -319,10 +454,10 @@ class CompletionRequest(_Sampling):
         return v
 
 
-def schema_error(err: Exception) -> APIError:
-    """The 400 for a response_format schema that structured.SchemaError refused."""
+def schema_error(err: Exception, param: str = "response_format") -> APIError:
+    """The 400 for a response_format (or tool parameters) schema that structured.SchemaError refused."""
     code = "unsupported_parameter" if getattr(err, "missing_library", False) else "invalid_json_schema"
-    return APIError(400, f"response_format: {err}", "response_format", code=code)
+    return APIError(400, f"{param}: {err}", param, code=code)
 
 
 def check_response_format(raw: Any) -> None:
@@ -346,6 +481,30 @@ def check_response_format(raw: Any) -> None:
             check_followable(json.loads(text))
         except SchemaError as err:
             raise schema_error(err) from None
+
+
+def check_tools(body: dict[str, Any]) -> None:
+    """For the vLLM engine: a 400 in the transformers engine's words for tools it would refuse.
+
+    The same request rules (ChatCompletionRequest's), and every function's parameters a schema a grammar
+    can follow (vLLM's own refusals name internal exceptions and no ``param``).
+    """
+    from ray_qlora.structured import SchemaError, check_followable
+
+    if not body.get("tools") and not body.get("tool_choice"):
+        return
+    fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None}
+    try:
+        req = ChatCompletionRequest.model_validate({**fields, "model": "m", "messages": [{"role": "user", "content": ""}]})
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"] if not str(p)[:1].isupper() and not str(p).startswith("literal["))
+        raise APIError(400, f"{loc}: {first['msg'].removeprefix('Value error, ')}", loc) from None
+    for function in req.functions:
+        try:
+            check_followable(function.get("parameters") or {"type": "object"})
+        except SchemaError as err:
+            raise schema_error(err, "tools") from None
 
 
 def check_choices(n: int) -> None:
@@ -430,6 +589,14 @@ def _usage(outs: list[dict[str, Any]]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _message(out: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message of one answer: its text, and its tool calls when it made any (tools.read_calls)."""
+    message: dict[str, Any] = {"role": "assistant", "content": out["text"]}
+    if out.get("tool_calls"):
+        message["tool_calls"] = out["tool_calls"]
+    return message
+
+
 def completion_body(model_name: str, outs: list[dict[str, Any]]) -> dict[str, Any]:
     """A chat completion with one choice per generated answer (``n`` of them)."""
     return {
@@ -437,9 +604,8 @@ def completion_body(model_name: str, outs: list[dict[str, Any]]) -> dict[str, An
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": out["text"]},
-                     "finish_reason": out["finish_reason"], "logprobs": chat_logprobs(out.get("logprobs"))}
-                    for i, out in enumerate(outs)],
+        "choices": [{"index": i, "message": _message(out), "finish_reason": out["finish_reason"],
+                     "logprobs": chat_logprobs(out.get("logprobs"))} for i, out in enumerate(outs)],
         "usage": _usage(outs),
     }
 
@@ -458,10 +624,12 @@ def text_completion_body(model_name: str, outs: list[dict[str, Any]]) -> dict[st
 
 def chunk_body(kind: Literal["chat", "text"], rid: str, model_name: str, text: str | None,
                finish_reason: str | None = None, usage: dict[str, int] | None = None,
-               first: bool = False, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               first: bool = False, logprobs: list[dict[str, Any]] | None = None,
+               tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One streamed chunk; a usage-only chunk has empty choices (stream_options.include_usage).
 
     ``logprobs``: generation's entries for the tokens whose text this chunk carries (None if not asked).
+    ``tool_calls``: whole calls, each delta'd with its index as OpenAI streams them (chat only).
     """
     created = int(time.time())
     if kind == "text":
@@ -472,7 +640,9 @@ def chunk_body(kind: Literal["chat", "text"], rid: str, model_name: str, text: s
         delta: dict[str, Any] = {} if text is None and not first else {"content": text or ""}
         if first:
             delta["role"] = "assistant"
-        choices = [] if text is None and finish_reason is None and not first else [
+        if tool_calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        choices = [] if text is None and finish_reason is None and not first and not tool_calls else [
             {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": chat_logprobs(logprobs)}]
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                 "choices": choices}
@@ -492,8 +662,9 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     # the deepest error is the one about what the client actually sent.
     first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # a content part's error carries the union's branch names: keep the fields a client sent
-    loc = [p for p in loc if not p.startswith(("str", "list["))]
+    # an error inside a union carries its branch names (str, list[...], literal[...], a model's class name):
+    # keep the fields a client sent (OpenAI's are all snake_case)
+    loc = [p for p in loc if not p.startswith(("str", "list[", "literal[")) and not p[:1].isupper()]
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         msg = "the request body is not valid JSON"

@@ -10,13 +10,14 @@ starts. Replicas are fixed or autoscaled from the config.
 
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Union
 
 from fastapi.responses import StreamingResponse
 from ray import serve
@@ -27,6 +28,7 @@ from ray_qlora.adapters import NameCache
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.generation import TokenBias
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
+from ray_qlora.serve.tools import read_calls
 from ray_qlora.structured import Grammars, SchemaError
 from ray_qlora.serve.api import (
     APIError,
@@ -185,7 +187,7 @@ class ChatServer:
     async def chat(self, req: ChatCompletionRequest) -> Union[dict[str, Any], StreamingResponse]:
         from ray_qlora.generation import render
 
-        return await self._complete(req, render(self.tok, req.conversation()), "chat")
+        return await self._complete(req, render(self.tok, req.conversation(), req.template_tools()), "chat")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(self, req: CompletionRequest) -> Union[dict[str, Any], StreamingResponse]:
@@ -197,16 +199,28 @@ class ChatServer:
         check_model(req.model, self.model_name)
         budget = self._budget(req, prompt)
         bias = self._bias(req)
+        calls = self._tool_reader(req, self.tok, prompt)
         grammar = await self._grammar(self.grammars, req)
         if req.stream:
-            return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar, bias=bias),
+            return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar, bias=bias, calls=calls),
                                      media_type="text/event-stream")
         started = time.perf_counter()
         outs = await self._generate_batch((prompt, req.n, budget, req.temperature, req.top_p, req.seed,
                                            tuple(req.stops), req.schema_text, req.logprob_top, bias))
         self.metrics.generated("batch", time.perf_counter() - started, sum(o["completion_tokens"] for o in outs))
-        body = completion_body if kind == "chat" else text_completion_body
-        return body(self.model_name, outs)
+        return self._body(req, kind, [calls(o) for o in outs] if calls else outs)
+
+    @staticmethod
+    def _body(req: Request, kind: str, outs: list[dict[str, Any]]) -> dict[str, Any]:
+        return (completion_body if kind == "chat" else text_completion_body)(req.model, outs)
+
+    @staticmethod
+    def _tool_reader(req: Request, tok: Any, prompt: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """What reads an answer's tool calls (serve/tools.py); None when the request offers no tools."""
+        if not isinstance(req, ChatCompletionRequest) or req.tool_mode == "none":
+            return None
+        return functools.partial(read_calls, mode=req.tool_mode, name=req.tool_choice_name, tok=tok, prompt=prompt,
+                                 functions=req.functions)
 
     async def _complete_adapter(self, req: Request, kind: str) -> Union[dict[str, Any], StreamingResponse]:
         """A request naming a registry adapter: loaded on demand into the shared base, then generated with."""
@@ -216,8 +230,10 @@ class ChatServer:
         await self._adapter(req.model)
         self.metrics.adapters.set(len(engine.loaded()), tags={"model": self.model_name})
         key = req.model
-        prompt = engine.render(key, req.conversation()) if kind == "chat" else str(req.prompt)  # type: ignore[union-attr]
+        prompt = (engine.render(key, req.conversation(), req.template_tools())  # type: ignore[union-attr]
+                  if kind == "chat" else str(req.prompt))
         budget = self._budget(req, prompt)
+        calls = self._tool_reader(req, engine.tok, prompt)
         if engine.grammars is None:
             engine.grammars = Grammars(engine.tok, int(engine.model.config.vocab_size))
         bias = self._bias(req)
@@ -225,14 +241,15 @@ class ChatServer:
                 req.logprob_top, bias)
         if req.stream:
             events = engine.stream(key, prompt, *args)
-            return StreamingResponse(self._stream(req, prompt, budget, kind, events), media_type="text/event-stream")
+            return StreamingResponse(self._stream(req, prompt, budget, kind, events, calls=calls),
+                                     media_type="text/event-stream")
         outs = await asyncio.to_thread(engine.generate, key, [prompt] * req.n, budget, req.n, *args[1:])
-        body = completion_body if kind == "chat" else text_completion_body
-        return body(req.model, outs)
+        return self._body(req, kind, [calls(o) for o in outs] if calls else outs)
 
     @staticmethod
     async def _grammar(grammars: Grammars, req: Request) -> Any:
-        """The compiled grammar for the request's response_format (None for free text); a 400 before generating.
+        """The compiled grammar for the request's response_format or forced tool call (None for free text); a 400
+        before generating.
 
         Compiled in a thread: a large schema takes a while, and the event loop serves other requests meanwhile.
         """
@@ -241,7 +258,8 @@ class ChatServer:
         try:
             return await asyncio.to_thread(grammars.compile, req.schema_text)
         except SchemaError as err:
-            raise schema_error(err) from None
+            forced = isinstance(req, ChatCompletionRequest) and req.tool_mode in ("required", "named")
+            raise schema_error(err, "tools" if forced else "response_format") from None
 
     def _bias(self, req: Request) -> TokenBias | None:
         """The request's logit_bias and penalties (None if it sets none); a 400 for a token the model lacks."""
@@ -259,8 +277,13 @@ class ChatServer:
 
     async def _stream(self, req: Request, prompt: str, budget: int, kind: str,
                       events: Iterator[dict[str, Any]] | None = None, grammar: Any = None,
-                      bias: TokenBias | None = None) -> AsyncIterator[str]:
-        """SSE chunks as the text comes; usage last when stream_options.include_usage."""
+                      bias: TokenBias | None = None,
+                      calls: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> AsyncIterator[str]:
+        """SSE chunks as the text comes; usage last when stream_options.include_usage.
+
+        With tools (``calls``), the text is held until the end: only the whole answer tells a call from
+        text, so the calls (or the text) come in one chunk before the finish.
+        """
         from ray_qlora.generation import stream_text
 
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -271,6 +294,8 @@ class ChatServer:
         model_name = req.model
         if kind == "chat":
             yield sse(chunk_body("chat", rid, model_name, "", first=True))
+        held: list[str] = []
+        held_logprobs: list[dict[str, Any]] = []
         while True:
             # the generator blocks on the model: step it in a thread so other requests are served meanwhile
             event = await asyncio.to_thread(next, events, None)
@@ -279,14 +304,24 @@ class ChatServer:
             if "text" in event:
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - started
+                if calls is not None:
+                    held.append(event["text"])
+                    held_logprobs += event.get("logprobs") or []
+                    continue
                 yield sse(chunk_body(kind, rid, model_name, event["text"],  # type: ignore[arg-type]
                                      logprobs=event.get("logprobs")))
                 continue
             self.metrics.generated("stream", first_token_s or time.perf_counter() - started,
                                    event["completion_tokens"])
+            finish, logprobs = event["finish_reason"], event.get("logprobs")
+            if calls is not None:
+                out = calls({"text": "".join(held), "finish_reason": finish})
+                finish = out["finish_reason"]
+                logprobs = None if req.logprob_top is None else held_logprobs + (logprobs or [])
+                yield sse(chunk_body("chat", rid, model_name, out["text"], tool_calls=out["tool_calls"]))
             # the last tokens' logprobs come with the finish: their text may have been held back until now
             yield sse(chunk_body(kind, rid, model_name, "" if kind == "text" else None,  # type: ignore[arg-type]
-                                 finish_reason=event["finish_reason"], logprobs=event.get("logprobs")))
+                                 finish_reason=finish, logprobs=logprobs))
             if req.include_usage:
                 usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
                          "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}

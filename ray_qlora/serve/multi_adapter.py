@@ -127,9 +127,9 @@ class AdapterEngine:
     def loaded(self) -> list[str]:
         return sorted(self.tokens)
 
-    def render(self, key: str, conversation: list[dict[str, str]]) -> str:
-        return self.tok.apply_chat_template(conversation, chat_template=self.templates[key], tokenize=False,
-                                            add_generation_prompt=True)
+    def render(self, key: str, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        return self.tok.apply_chat_template(conversation, chat_template=self.templates[key], tools=tools,
+                                            tokenize=False, add_generation_prompt=True)
 
     def generate(self, key: str, prompts: list[str], *args: Any) -> list[dict[str, Any]]:
         from ray_qlora.generation import generate_text

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from ray_qlora import adapters, storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.serve.api import (APIError, Limits, _LimitsMiddleware, check_choices, check_response_format,
-                                 models_body, read_body, replaying)
+                                 check_tools, models_body, read_body, replaying)
 
 __all__ = ["build_vllm_app", "cpu_head_sizes", "engine_problem", "llm_configs"]
 
@@ -85,7 +85,10 @@ def _model_source(cfg: PipelineConfig, uri: str) -> Any:
 
 
 def _runtime_env(cfg: PipelineConfig) -> dict[str, Any]:
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # Forced tool calls ('required', named) under the tools' JSON schema without free whitespace, as the
+    # transformers engine writes them. vLLM's strict default writes them in its parser's own tags under a
+    # grammar that allows any whitespace, and a small model can spend its whole budget on it.
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
     endpoint = storage.endpoint_url(cfg.storage)
     if endpoint:  # an S3-compatible store: Ray's downloader reads it from the environment
         env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = endpoint
@@ -117,6 +120,12 @@ def _engine_kwargs(cfg: PipelineConfig, context: int, on_gpu: bool) -> dict[str,
         # model allowed any whitespace can spend its whole budget on newlines inside the braces. xgrammar
         # (vLLM's default backend, and the transformers engine's) is the backend that option needs.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        # vLLM takes tools at all only with a tool parser on. Forced calls ('required', named) are generated
+        # under the tools' schemas whatever the parser; 'auto' reads calls in the parser's format: Hermes'
+        # <tool_call> tags, the commonest, and what the transformers engine reads when a tokenizer ships
+        # no response_template. serve.engine_kwargs can name the model's own parser.
+        "enable_auto_tool_choice": True,
+        "tool_call_parser": "hermes",
     }
     if not on_gpu:
         # without it vLLM's CPU backend reserves a share of the host's memory for its KV cache
@@ -228,7 +237,7 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
 
     Raises APIError for a model that is neither the merged model nor a registry adapter, for
     max_tokens above serve.max_new_tokens, n above the choices cap (as on the transformers engine),
-    and for a response_format no grammar can follow.
+    and for a response_format or tool parameters no grammar can follow.
     """
     assert st.cfg is not None
     model = body.get("model")
@@ -246,6 +255,8 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
     body.pop("chat_template", None)  # templates run as code in the engine: only the registry's are taken
     if body.get("response_format") is not None:
         check_response_format(body["response_format"])
+    if path.endswith("/chat/completions"):
+        check_tools(body)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = cap  # as the transformers engine: the server's cap, not the whole context
     if model == st.model_name:

@@ -1,0 +1,118 @@
+"""Tool calling on the transformers engine: OpenAI's ``tools`` and ``tool_choice``, read the way vLLM reads them.
+
+A forced call (``tool_choice: "required"`` or a named function) is structured
+output: the schema generation follows is the function's ``parameters`` (named),
+or an array of ``{"name", "parameters"}`` objects, one per call (required). So
+the call parses, names a function the client offered and has the arguments it
+declared, whatever the model's weights say, on any model; vLLM builds the same
+two schemas for the same two choices.
+
+``"auto"`` lets the model choose between text and calls, so the calls must be
+read back out of free text, and how a model writes them is its own (Hermes'
+``<tool_call>`` tags, Mistral's ``[TOOL_CALLS]``, ...). transformers' response
+parser reads them with the ``response_template`` a model's tokenizer ships;
+a tokenizer without one (SmolLM2's, most older ones) is read as Hermes, the
+commonest format and the one the vLLM engine is started with. A model that
+writes no calls that way answers in text, as it would without tools.
+
+Kept free of Ray and torch, like api.py.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Literal
+
+__all__ = ["HERMES", "ToolMode", "call_schema", "new_call_id", "read_calls"]
+
+ToolMode = Literal["none", "auto", "required", "named"]
+
+# Hermes' calls, <tool_call>{"name": ..., "arguments": {...}}</tool_call>, as a transformers response_template
+HERMES: dict[str, Any] = {
+    "start_anchor_pattern": "^",  # given only the generated text, which the answer starts
+    "fields": {
+        "content": {"content": "text"},
+        "tool_calls": {"open": "<tool_call>", "close": "</tool_call>", "content": "json", "repeats": True,
+                       "transform": {"type": "function",
+                                     "function": {"name": "{content.name}", "arguments": "{content.arguments}"}}},
+    },
+}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    # OpenAI: a function without parameters takes none; an empty object is what it must be called with
+    return function.get("parameters") or {"type": "object", "properties": {}}
+
+
+def call_schema(functions: list[dict[str, Any]], mode: ToolMode, name: str | None,
+                parallel: bool = True) -> dict[str, Any] | None:
+    """The JSON schema a forced call is generated under (None for 'none' and 'auto': free text).
+
+    ``functions``: the request's ``tools[i].function`` objects; ``name``: the named choice's function.
+    """
+    if mode == "named":
+        return _parameters(next(f for f in functions if f["name"] == name))
+    if mode != "required":
+        return None
+    one_call = [{"type": "object",
+                 "properties": {"name": {"type": "string", "enum": [f["name"]]}, "parameters": _parameters(f)},
+                 "required": ["name", "parameters"]} for f in functions]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": one_call}}
+    if not parallel:  # parallel_tool_calls: false is at most one call per answer
+        schema["maxItems"] = 1
+    return schema
+
+
+def _parse_auto(text: str, tok: Any, prompt: str, functions: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The message transformers' response parser reads from a free answer ({} when it cannot)."""
+    from transformers.utils.chat_parsing import parse_response
+
+    own = getattr(tok, "response_template", None)
+    tools = [{"type": "function", "function": f} for f in functions or []] or None
+    try:
+        # a model's own template may need the prompt (what its chat template pre-writes of the answer)
+        return parse_response(text, own or HERMES, prefix=prompt if own else "", tools=tools)
+    except ValueError:  # a call cut short (max_tokens) or malformed: the text as it came
+        return {}
+
+
+def _call(name: str, arguments: Any) -> dict[str, Any]:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": text}}
+
+
+def read_calls(out: dict[str, Any], mode: ToolMode, name: str | None = None, tok: Any = None,
+               prompt: str = "", functions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``out`` (one generated answer) with its tool calls read: ``tool_calls`` set and ``text`` what is left.
+
+    The finish reason follows OpenAI and vLLM: 'tool_calls' when the model chose to call (required, or
+    auto with calls), 'stop' for a named call. An answer cut by max_tokens keeps 'length' and, when its
+    calls do not parse, its text and no calls: the client sees what was generated and why it stopped.
+    """
+    text, finish = out["text"], out["finish_reason"]
+    calls: list[dict[str, Any]] = []
+    if mode == "named" and name is not None:
+        calls = [_call(name, text)]
+        text = None
+    elif mode == "required":
+        try:
+            calls = [_call(c["name"], c["parameters"]) for c in json.loads(text)]
+            text = None
+        except (ValueError, TypeError, KeyError):
+            pass  # only an answer cut short can fail: the grammar allowed nothing else
+        if calls and finish == "stop":
+            finish = "tool_calls"
+    elif mode == "auto":
+        message = _parse_auto(text, tok, prompt, functions)
+        for call in message.get("tool_calls") or []:
+            fn = call.get("function", call)
+            calls.append(_call(str(fn.get("name", "")), fn.get("arguments", {})))
+        if calls:
+            text = message.get("content") or None
+            finish = "tool_calls" if finish == "stop" else finish
+    return {**out, "text": text, "finish_reason": finish, "tool_calls": calls or None}

@@ -1,0 +1,140 @@
+"""Tool calls on the transformers engine: the schemas forced calls follow, and reading calls back (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ray_qlora.serve.api import ChatCompletionRequest
+from ray_qlora.serve.tools import call_schema, read_calls
+
+WEATHER = {"name": "get_weather", "description": "Forecast for a city",
+           "parameters": {"type": "object", "required": ["city", "days"], "properties": {
+               "city": {"type": "string", "enum": ["Paris", "Rome"]},
+               "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}
+NOW = {"name": "now"}  # no parameters: called with an empty object
+TOOLS = [{"type": "function", "function": WEATHER}, {"type": "function", "function": NOW}]
+
+# a model's own response_template: Mistral-style calls, a JSON list after [TOOL_CALLS]
+MISTRALISH = {"start_anchor": "<|im_start|>assistant\n", "fields": {
+    "content": {"content": "text"},
+    "tool_calls": {"open": "[TOOL_CALLS]", "content": "json", "transform_each": True,
+                   "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{arguments}"}}}}}
+
+
+def _request(**extra) -> ChatCompletionRequest:  # noqa: ANN003
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris for 3 days?"}], **extra})
+
+
+def test_named_and_required_choices_become_the_schemas_vllm_builds() -> None:
+    named = call_schema([WEATHER, NOW], "named", "get_weather")
+    assert named == WEATHER["parameters"]
+    assert call_schema([WEATHER, NOW], "named", "now") == {"type": "object", "properties": {}}
+    required = call_schema([WEATHER, NOW], "required", None)
+    assert required is not None and required["type"] == "array" and required["minItems"] == 1
+    assert "maxItems" not in required
+    options = required["items"]["anyOf"]
+    assert [o["properties"]["name"]["enum"] for o in options] == [["get_weather"], ["now"]]
+    assert options[0]["properties"]["parameters"] == WEATHER["parameters"]
+    assert call_schema([WEATHER], "required", None, parallel=False)["maxItems"] == 1  # type: ignore[index]
+    assert call_schema([WEATHER], "auto", None) is None and call_schema([WEATHER], "none", None) is None
+
+
+def test_the_request_picks_the_mode_and_its_schema() -> None:
+    assert _request().tool_mode == "none" and _request().schema_text is None
+    assert _request(tools=TOOLS).tool_mode == "auto"  # OpenAI's default once tools are sent
+    assert _request(tools=TOOLS, tool_choice="none").tool_mode == "none"
+    named = _request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.tool_mode == "named" and json.loads(named.schema_text or "") == WEATHER["parameters"]
+    required = _request(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    assert json.loads(required.schema_text or "")["maxItems"] == 1
+    assert required.template_tools() == [{"type": "function", "function": WEATHER},
+                                         {"type": "function", "function": NOW}]
+
+
+def test_forced_calls_are_read_into_openai_tool_calls() -> None:
+    named = read_calls({"text": '{"city": "Paris", "days": 3}', "finish_reason": "stop"}, "named", "get_weather")
+    (call,) = named["tool_calls"]
+    assert named["text"] is None and named["finish_reason"] == "stop"  # OpenAI: a named call stops
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}
+    text = '[{"name": "now", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Rome", "days": 1}}]'
+    required = read_calls({"text": text, "finish_reason": "stop"}, "required")
+    assert required["finish_reason"] == "tool_calls" and required["text"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in required["tool_calls"]] == [
+        ("now", {}), ("get_weather", {"city": "Rome", "days": 1})]
+    assert len({c["id"] for c in required["tool_calls"]}) == 2
+    # cut by max_tokens: the text as generated, no calls, and the reason it stopped
+    cut = read_calls({"text": '[{"name": "get_w', "finish_reason": "length"}, "required")
+    assert cut["tool_calls"] is None and cut["text"] == '[{"name": "get_w' and cut["finish_reason"] == "length"
+
+
+def test_auto_reads_hermes_calls_when_the_tokenizer_ships_no_response_template(tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert getattr(tok, "response_template", None) is None  # SmolLM2 ships none
+    prompt = "<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n"
+    said = ('Checking. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": "2"}}\n'
+            '</tool_call><tool_call>{"name": "now", "arguments": {}}</tool_call>')
+    out = read_calls({"text": said, "finish_reason": "stop"}, "auto", tok=tok, prompt=prompt, functions=[WEATHER, NOW])
+    assert out["text"] == "Checking." and out["finish_reason"] == "tool_calls"
+    # arguments are cast to the declared types ("2" -> 2 for an integer parameter)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in out["tool_calls"]] == [
+        ("get_weather", {"city": "Paris", "days": 2}), ("now", {})]
+    plain = read_calls({"text": "It is sunny.", "finish_reason": "stop"}, "auto", tok=tok, prompt=prompt)
+    assert plain == {"text": "It is sunny.", "finish_reason": "stop", "tool_calls": None}
+    cut = read_calls({"text": '<tool_call>{"name": "get_we', "finish_reason": "length"}, "auto", tok=tok,
+                     prompt=prompt)
+    assert cut["tool_calls"] is None and cut["text"].startswith("<tool_call>") and cut["finish_reason"] == "length"
+
+
+def test_auto_reads_calls_with_the_models_own_response_template(tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.response_template = MISTRALISH
+    prompt = "<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n"
+    said = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}]'
+    out = read_calls({"text": said, "finish_reason": "stop"}, "auto", tok=tok, prompt=prompt, functions=[WEATHER])
+    assert [json.loads(c["function"]["arguments"]) for c in out["tool_calls"]] == [{"city": "Rome", "days": 1}]
+    # the model's own format wins: Hermes tags are plain text to it
+    hermes = '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
+    assert read_calls({"text": hermes, "finish_reason": "stop"}, "auto", tok=tok, prompt=prompt)["tool_calls"] is None
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path):  # noqa: ANN201
+    from ray_qlora.modeling import load_16bit, load_tokenizer
+
+    return load_tokenizer(tiny_model_dir), load_16bit(tiny_model_dir, "float32", "cpu")
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_random_model_forced_to_call_makes_a_valid_call(model, choice) -> None:  # noqa: ANN001
+    """The tiny model's weights are random: only the grammar makes its call parse and fit the tools.
+
+    One call per answer (parallel_tool_calls: false): sampled at random, a list of calls rarely ends.
+    """
+    from ray_qlora.generation import generate_text, render
+    from ray_qlora.structured import Grammars
+
+    tok, m = model
+    req = _request(tools=TOOLS, tool_choice=choice, parallel_tool_calls=False)
+    prompt = render(tok, req.conversation(), req.template_tools())
+    grammar = Grammars(tok, int(m.config.vocab_size)).compile(req.schema_text)
+    for seed in (0, 1, 2):
+        out = generate_text(m, tok, [prompt], 64, 1, 1.0, 1.0, seed, [], grammar)[0]
+        read = read_calls(out, req.tool_mode, req.tool_choice_name)
+        assert read["finish_reason"] == ("stop" if req.tool_mode == "named" else "tool_calls")
+        assert len(read["tool_calls"]) == 1, out
+        for call in read["tool_calls"]:
+            name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
+            assert name in ("get_weather", "now")
+            if name == "get_weather":
+                assert args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 7
+            else:
+                assert args == {}
