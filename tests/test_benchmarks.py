@@ -87,6 +87,16 @@ def test_structured_output_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa:
     assert "ratio constrained / free tokens/s" in capsys.readouterr().out
 
 
+def test_tool_calls_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
+    out = _load("tool_calls").main(["--base", str(tiny_model_dir), "--n", "4", "--batch-size", "2",
+                                    "--new-tokens", "24"])
+    sides = out["sides"]
+    assert sides["prompted"]["valid_calls"] == 0.0  # the random model writes no <tool_call> on its own
+    assert sides["named"]["first"].startswith('{"drug": "')  # the arguments, held to the tool's parameters
+    assert sides["required"]["first"].startswith('[{"name": "place_order", "parameters": {"')
+    assert out["ratio"] > 0 and "ratio named / prompted tokens/s" in capsys.readouterr().out
+
+
 def test_logprobs_cost_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
     out = _load("logprobs_cost").main(["--base", str(tiny_model_dir), "--n", "3", "--batch-size", "3",
                                        "--new-tokens", "8"])
