@@ -325,6 +325,10 @@ def test_forced_tool_calls_come_back_as_openai_tool_calls(finished_run) -> None:
     free = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
     assert auto.choices[0].message.tool_calls is None
     assert auto.choices[0].message.content == free.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, tools=[ORDER_TOOL], max_tokens=8,
+                                                 temperature=0, stream=True))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) > 1 and "".join(texts) == free.choices[0].message.content  # streamed as it came
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": 7}}}
     with pytest.raises(BadRequestError) as err:
         client.chat.completions.create(model="tiny", messages=msgs, tools=[bad], tool_choice="required")

@@ -94,6 +94,7 @@ def test_valid_request_content_parts_and_stops(client: TestClient) -> None:
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "maybe"}, "stream"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "n"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),

@@ -138,3 +138,49 @@ def test_a_random_model_forced_to_call_makes_a_valid_call(model, choice) -> None
                 assert args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 7
             else:
                 assert args == {}
+
+
+def _streamed(stream, pieces: list[str], finish: str = "stop"):  # noqa: ANN001, ANN202
+    """What a client gets: content deltas, then (the answer read, its last content, the logprobs in order)."""
+    sent, logprobs = [], []
+    for i, piece in enumerate(pieces):
+        text, lp = stream.feed(piece, [{"token": piece, "i": i}])
+        sent.append(text)
+        logprobs += lp
+    out, rest, last = stream.finish(finish, None)
+    return [s for s in sent if s], out, rest, logprobs + last
+
+
+def test_auto_streams_text_until_a_call_may_start() -> None:
+    from functools import partial
+
+    from ray_qlora.serve.tools import ToolStream
+
+    read = partial(read_calls, mode="auto", functions=[WEATHER, NOW])
+    pieces = ["It ", "is <", "b>sunny", " today."]
+    sent, out, rest, logprobs = _streamed(ToolStream(read, "auto", None), pieces)
+    # '<' may start '<tool_call>': held until the next piece shows it does not
+    assert sent == ["It", " is", " <b>sunny", " today."] and rest is None
+    assert out["tool_calls"] is None and out["text"] == "".join(pieces)
+    assert [e["i"] for e in logprobs] == [0, 1, 2, 3]  # every token's logprobs, in order, once
+
+    pieces = ["Checking. ", "<tool", '_call>{"name": "now", ', '"arguments": {}}', "</tool_call>"]
+    sent, out, rest, logprobs = _streamed(ToolStream(read, "auto", None), pieces)
+    assert sent == ["Checking."] and rest is None  # the call's text is never sent as content
+    assert out["finish_reason"] == "tool_calls" and [c["function"]["name"] for c in out["tool_calls"]] == ["now"]
+    assert [e["i"] for e in logprobs] == [0, 1, 2, 3, 4]
+
+
+def test_forced_calls_are_held_whole_until_the_end() -> None:
+    from functools import partial
+
+    from ray_qlora.serve.tools import ToolStream
+
+    read = partial(read_calls, mode="named", name="now")
+    sent, out, rest, logprobs = _streamed(ToolStream(read, "named", None), ["{", "}"])
+    assert sent == [] and rest is None and out["tool_calls"][0]["function"]["arguments"] == "{}"
+    assert [e["i"] for e in logprobs] == [0, 1]
+    # a call cut short by max_tokens: its text comes at the end, as content
+    read = partial(read_calls, mode="required")
+    sent, out, rest, _ = _streamed(ToolStream(read, "required", None), ['[{"na', "me"], "length")
+    assert sent == [] and rest == '[{"name' and out["tool_calls"] is None and out["finish_reason"] == "length"

@@ -237,7 +237,7 @@ class NamedToolChoice(BaseModel):
 
 
 # OpenAI fields this server cannot honour, with the value that asks for nothing. A request that sets one
-# gets a 400 instead of an answer that silently ignored it (a client asking for tools would get plain text).
+# gets a 400 instead of an answer that silently ignored it (a client asking for functions would get plain text).
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "functions": lambda v: not v,  # the deprecated form of tools
     "best_of": lambda v: v in (None, 1),
@@ -400,7 +400,7 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _ends_with_user(cls, v: list[ChatMessage]) -> list[ChatMessage]:
         if v[-1].role == "assistant":
-            raise ValueError("the last message must be from the user (or system), not the assistant")
+            raise ValueError("the last message must be from the user (or system, or a tool result), not the assistant")
         return v
 
     def requested_tokens(self, default: int) -> int:
@@ -495,10 +495,11 @@ def check_tools(body: dict[str, Any]) -> None:
         return
     fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None}
     try:
-        req = ChatCompletionRequest.model_validate({**fields, "model": "m", "messages": [{"role": "user", "content": ""}]})
+        req = ChatCompletionRequest.model_validate({**fields, "model": "m",
+                                                    "messages": [{"role": "user", "content": ""}]})
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"] if not str(p)[:1].isupper() and not str(p).startswith("literal["))
+        loc = ".".join(_sent_fields(first["loc"]))
         raise APIError(400, f"{loc}: {first['msg'].removeprefix('Value error, ')}", loc) from None
     for function in req.functions:
         try:
@@ -656,15 +657,23 @@ def sse(body: dict[str, Any] | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
+def _sent_fields(loc: Any) -> list[str]:
+    """A pydantic error's location as the fields a client sent.
+
+    An error inside a union carries its branch names (str, list[...], literal[...], a model's class name)
+    and FastAPI adds 'body'; OpenAI's own fields are all snake_case.
+    """
+    parts = [str(p) for p in loc if p != "body"]
+    return [p for p in parts if p != "str" and not p.startswith(("list[", "literal[", "function-"))
+            and not p[:1].isupper()]
+
+
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     # A field with alternatives (content: a string or a list of parts) fails once per alternative;
     # the deepest error is the one about what the client actually sent.
     first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # an error inside a union carries its branch names (str, list[...], literal[...], a model's class name):
-    # keep the fields a client sent (OpenAI's are all snake_case)
-    loc = [p for p in loc if not p.startswith(("str", "list[", "literal[")) and not p[:1].isupper()]
+    loc = _sent_fields(first.get("loc", ()))
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         msg = "the request body is not valid JSON"

@@ -28,7 +28,7 @@ from ray_qlora.adapters import NameCache
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.generation import TokenBias
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
-from ray_qlora.serve.tools import read_calls
+from ray_qlora.serve.tools import ToolStream, read_calls
 from ray_qlora.structured import Grammars, SchemaError
 from ray_qlora.serve.api import (
     APIError,
@@ -202,7 +202,8 @@ class ChatServer:
         calls = self._tool_reader(req, self.tok, prompt)
         grammar = await self._grammar(self.grammars, req)
         if req.stream:
-            return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar, bias=bias, calls=calls),
+            return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar, bias=bias,
+                                                  tools=self._tool_stream(req, calls, self.tok)),
                                      media_type="text/event-stream")
         started = time.perf_counter()
         outs = await self._generate_batch((prompt, req.n, budget, req.temperature, req.top_p, req.seed,
@@ -221,6 +222,13 @@ class ChatServer:
             return None
         return functools.partial(read_calls, mode=req.tool_mode, name=req.tool_choice_name, tok=tok, prompt=prompt,
                                  functions=req.functions)
+
+    @staticmethod
+    def _tool_stream(req: Request, calls: Callable[[dict[str, Any]], dict[str, Any]] | None,
+                     tok: Any) -> ToolStream | None:
+        if calls is None or not isinstance(req, ChatCompletionRequest):
+            return None
+        return ToolStream(calls, req.tool_mode, tok)
 
     async def _complete_adapter(self, req: Request, kind: str) -> Union[dict[str, Any], StreamingResponse]:
         """A request naming a registry adapter: loaded on demand into the shared base, then generated with."""
@@ -241,7 +249,8 @@ class ChatServer:
                 req.logprob_top, bias)
         if req.stream:
             events = engine.stream(key, prompt, *args)
-            return StreamingResponse(self._stream(req, prompt, budget, kind, events, calls=calls),
+            return StreamingResponse(self._stream(req, prompt, budget, kind, events,
+                                                  tools=self._tool_stream(req, calls, engine.tok)),
                                      media_type="text/event-stream")
         outs = await asyncio.to_thread(engine.generate, key, [prompt] * req.n, budget, req.n, *args[1:])
         return self._body(req, kind, [calls(o) for o in outs] if calls else outs)
@@ -278,11 +287,11 @@ class ChatServer:
     async def _stream(self, req: Request, prompt: str, budget: int, kind: str,
                       events: Iterator[dict[str, Any]] | None = None, grammar: Any = None,
                       bias: TokenBias | None = None,
-                      calls: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> AsyncIterator[str]:
+                      tools: ToolStream | None = None) -> AsyncIterator[str]:
         """SSE chunks as the text comes; usage last when stream_options.include_usage.
 
-        With tools (``calls``), the text is held until the end: only the whole answer tells a call from
-        text, so the calls (or the text) come in one chunk before the finish.
+        With ``tools``, text that may be a call is held until the end (tools.ToolStream); the calls come in
+        one chunk before the finish.
         """
         from ray_qlora.generation import stream_text
 
@@ -294,8 +303,6 @@ class ChatServer:
         model_name = req.model
         if kind == "chat":
             yield sse(chunk_body("chat", rid, model_name, "", first=True))
-        held: list[str] = []
-        held_logprobs: list[dict[str, Any]] = []
         while True:
             # the generator blocks on the model: step it in a thread so other requests are served meanwhile
             event = await asyncio.to_thread(next, events, None)
@@ -304,21 +311,22 @@ class ChatServer:
             if "text" in event:
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - started
-                if calls is not None:
-                    held.append(event["text"])
-                    held_logprobs += event.get("logprobs") or []
-                    continue
-                yield sse(chunk_body(kind, rid, model_name, event["text"],  # type: ignore[arg-type]
-                                     logprobs=event.get("logprobs")))
+                text, logprobs = event["text"], event.get("logprobs")
+                if tools is not None:
+                    text, logprobs = tools.feed(text, logprobs)
+                    logprobs = logprobs if req.logprob_top is not None else None
+                    if not text:
+                        continue
+                yield sse(chunk_body(kind, rid, model_name, text, logprobs=logprobs))  # type: ignore[arg-type]
                 continue
             self.metrics.generated("stream", first_token_s or time.perf_counter() - started,
                                    event["completion_tokens"])
             finish, logprobs = event["finish_reason"], event.get("logprobs")
-            if calls is not None:
-                out = calls({"text": "".join(held), "finish_reason": finish})
-                finish = out["finish_reason"]
-                logprobs = None if req.logprob_top is None else held_logprobs + (logprobs or [])
-                yield sse(chunk_body("chat", rid, model_name, out["text"], tool_calls=out["tool_calls"]))
+            if tools is not None:
+                out, rest, logprobs = tools.finish(finish, logprobs)
+                finish, logprobs = out["finish_reason"], logprobs if req.logprob_top is not None else None
+                if rest is not None or out["tool_calls"]:
+                    yield sse(chunk_body("chat", rid, model_name, rest, tool_calls=out["tool_calls"]))
             # the last tokens' logprobs come with the finish: their text may have been held back until now
             yield sse(chunk_body(kind, rid, model_name, "" if kind == "text" else None,  # type: ignore[arg-type]
                                  finish_reason=finish, logprobs=logprobs))

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-__all__ = ["HERMES", "ToolMode", "call_schema", "new_call_id", "read_calls"]
+__all__ = ["HERMES", "ToolMode", "ToolStream", "call_schema", "new_call_id", "read_calls"]
 
 ToolMode = Literal["none", "auto", "required", "named"]
 
@@ -116,3 +116,46 @@ def read_calls(out: dict[str, Any], mode: ToolMode, name: str | None = None, tok
             text = message.get("content") or None
             finish = "tool_calls" if finish == "stop" else finish
     return {**out, "text": text, "finish_reason": finish, "tool_calls": calls or None}
+
+
+class ToolStream:
+    """A streamed answer that may hold tool calls: what to send as it comes, and the calls at the end.
+
+    Under 'auto' read as Hermes, text is sent as it comes up to what may start a ``<tool_call>`` tag (held
+    back like a stop sequence), so a model answering in text streams as without tools; from the tag on,
+    the rest waits for the end, when the whole answer is read. Forced calls, and calls in a model's own
+    format (whose markers this cannot know), are all held: only the whole answer tells calls from text.
+    """
+
+    def __init__(self, read: Callable[[dict[str, Any]], dict[str, Any]], mode: ToolMode, tok: Any) -> None:
+        from ray_qlora.generation import StopScanner
+
+        self.read = read
+        hermes = mode == "auto" and getattr(tok, "response_template", None) is None
+        self.scanner = StopScanner([HERMES["fields"]["tool_calls"]["open"]]) if hermes else None
+        self.texts: list[str] = []
+        self.sent = ""
+        self.pending: list[dict[str, Any]] = []  # logprobs of text not sent yet
+
+    def feed(self, text: str, logprobs: list[dict[str, Any]] | None) -> tuple[str, list[dict[str, Any]]]:
+        """(content to send now, the logprobs to send with it)."""
+        self.texts.append(text)
+        self.pending += logprobs or []
+        if self.scanner is None:
+            return "", []
+        out, tagged = self.scanner.feed(text)
+        if tagged:
+            self.scanner = None  # a call has started: the rest waits for the end
+        self.sent += out
+        if not out or tagged or self.scanner.buffer:  # type: ignore[union-attr]
+            return out, []  # some of these tokens' text is still held: their logprobs wait with it
+        sent, self.pending = self.pending, []
+        return out, sent
+
+    def finish(self, finish_reason: str, logprobs: list[dict[str, Any]] | None
+               ) -> tuple[dict[str, Any], str | None, list[dict[str, Any]]]:
+        """(the answer read, its content not sent yet (None: none), the logprobs not sent yet)."""
+        out = self.read({"text": "".join(self.texts), "finish_reason": finish_reason})
+        text = out["text"] or ""
+        rest = text[len(self.sent):] if text.startswith(self.sent) else ""
+        return out, rest or None, self.pending + (logprobs or [])
