@@ -528,7 +528,9 @@ class ServeConfig(_Strict):
         "auto", description="GPUs a replica reserves; 'auto': 1 when the cluster has GPUs, else 0.")
     max_new_tokens: int = Field(
         256, ge=1, description="Most tokens a request may ask for (larger max_tokens: 400); also the default.")
-    max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests batched together, and rows (a request's n choices are n rows) per "
+                             "generate call on the transformers engine; vLLM's max_num_seqs.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; larger: 400.")
     body_timeout_s: float = Field(
         30.0, gt=0, description="Seconds a replica waits for the next part of a request body; longer: 408, which "

@@ -31,6 +31,26 @@ def test_transformers_when_asked() -> None:
     assert choose_engine(_cfg(engine="transformers"), HEAD64, on_gpu=False)[0] == "transformers"
 
 
+def _req(n: int = 1, seed: int | None = None, temperature: float = 0.0) -> tuple:
+    """(prompt, n, budget, temperature, top_p, seed, stops, schema, logprobs, bias), as _generate_batch takes it."""
+    return ("p", n, 16, temperature, 1.0, seed, (), None, None, None)
+
+
+def test_a_generate_call_holds_at_most_max_batch_size_rows() -> None:
+    from ray_qlora.serve.deployment import batch_plan
+
+    # eight greedy requests of 3 choices: 24 rows, 8 per call, whole requests only
+    calls = batch_plan([_req(n=3) for _ in range(8)], max_rows=8)
+    assert [idx for _, idx in calls] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # settings split calls; a seeded request is alone even beside an identical one
+    mixed = [_req(), _req(temperature=1.0), _req(), _req(seed=3), _req(seed=3)]
+    assert sorted(idx for _, idx in batch_plan(mixed, max_rows=8)) == [[0, 2], [1], [3], [4]]
+    # one request with more choices than max_batch_size: one call of its own (one seed fixes them all)
+    assert [idx for _, idx in batch_plan([_req(), _req(n=16, seed=1), _req()], max_rows=4)] == [[0, 2], [1]]
+    settings, _ = batch_plan([_req(n=2, seed=9)], max_rows=8)[0]
+    assert settings[:8] == (16, 0.0, 1.0, 9, (), None, None, None)  # what the call is generated with
+
+
 @needs_vllm
 def test_auto_picks_vllm_where_it_runs_and_says_why_not_otherwise() -> None:
     from ray_qlora.serve.deployment import choose_engine

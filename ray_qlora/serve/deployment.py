@@ -47,7 +47,8 @@ from ray_qlora.serve.api import (
     text_completion_body,
 )
 
-__all__ = ["ChatServer", "api_keys", "build_app", "build_application", "check_fits", "choose_engine", "deploy"]
+__all__ = ["ChatServer", "api_keys", "batch_plan", "build_app", "build_application", "check_fits", "choose_engine",
+           "deploy"]
 
 log = logging.getLogger(__name__)
 limits = Limits()  # filled in by the replica from its config
@@ -111,6 +112,33 @@ class _Metrics:
     def generated(self, mode: str, first_token_s: float, tokens: int) -> None:
         self.ttft.observe(first_token_s, tags={"model": self.model, "mode": mode})
         self.tokens.inc(tokens, tags={"model": self.model, "mode": mode})
+
+
+# Defined before ChatServer: Serve serializes the deployment's class where it is declared, with the module
+# globals its methods use as they are at that point.
+def batch_plan(reqs: list[tuple], max_rows: int) -> list[tuple[tuple[Any, ...], list[int]]]:
+    """The generate calls for a batch of requests: (shared settings, the requests' indices) per call.
+
+    ``reqs``: (prompt, n, *settings) each. Only requests with equal settings share a call. A seeded one
+    samples alone: rows of one call draw from one random stream, so sharing it with another request (even
+    an identical one) would change its answer. A call holds at most ``max_rows`` rows (a request's n
+    choices are n rows), so n does not multiply a call's memory; a request asking more choices than that
+    still gets one call of its own, so that one seed fixes them all.
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (_, _, *settings) in enumerate(reqs):
+        seeded = settings[3] is not None
+        groups.setdefault((*settings, i) if seeded else tuple(settings), []).append(i)
+    plan: list[tuple[tuple[Any, ...], list[int]]] = []
+    for settings, idx in groups.items():
+        call: list[int] = []
+        for i in idx:
+            if call and sum(reqs[j][1] for j in call) + reqs[i][1] > max_rows:
+                plan.append((settings, call))
+                call = []
+            call.append(i)
+        plan.append((settings, call))
+    return plan
 
 
 @serve.deployment(name="chat", max_ongoing_requests=32)
@@ -340,19 +368,15 @@ class ChatServer:
     async def _generate_batch(self, reqs: list[tuple]) -> list[list[dict[str, Any]]]:
         """(prompt, n, budget, temperature, top_p, seed, stops, schema, logprobs, bias) each: its n answers.
 
-        One generate call per shared setting, with a row per choice: a request's choices come from one
-        batch, so a seeded sample gives n different answers (a second call re-seeded would repeat them).
+        One generate call per shared setting and at most serve.max_batch_size rows (batch_plan), with a row
+        per choice: a request's choices come from one call, so a seeded sample gives n different answers (a
+        second call re-seeded would repeat them).
         """
         from ray_qlora.generation import generate_text
 
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, (_, _, *settings) in enumerate(reqs):
-            seeded = settings[3] is not None
-            # a seeded request samples alone: rows of one batch draw from one random stream, so sharing a
-            # batch with another request (even an identical one) would change its answer
-            groups.setdefault((*settings, i) if seeded else tuple(settings), []).append(i)
         results: list[list[dict[str, Any]]] = [[] for _ in reqs]
-        for (budget, temp, top_p, seed, stops, schema, logprobs, bias, *_), idx in groups.items():
+        for (budget, temp, top_p, seed, stops, schema, logprobs, bias, *_), idx in batch_plan(
+                reqs, self.cfg.serve.max_batch_size):
             prompts = [reqs[i][0] for i in idx for _ in range(reqs[i][1])]
             grammar = self.grammars.compile(schema) if schema else None  # compiled (and cached) by _complete
             # generate is blocking torch work: keep the event loop free for other requests
