@@ -376,6 +376,8 @@ def test_logprobs_requests_and_bodies_follow_openai_shapes() -> None:
     # the legacy API counts: logprobs=0 still asks for each token's own logprob
     assert CompletionRequest(model="m", prompt="p", logprobs=0).logprob_top == 0
     assert CompletionRequest(model="m", prompt="p").logprob_top is None
+    with pytest.raises(ValueError, match="logprobs is a count"):  # chat's boolean, not silently read as 1
+        CompletionRequest(model="m", prompt="p", logprobs=True)
     entries = [{"token": " 5", "logprob": -0.25, "offset": 0, "top": [(" 5", -0.25), (" five", -float("inf"))]},
                {"token": "é", "logprob": -1.5, "offset": 2, "top": [("é", -1.5), ("e", -2.0)]}]
     chat = chat_logprobs(entries)

@@ -121,6 +121,28 @@ def test_requests_are_capped_and_cleaned_before_the_engine() -> None:
     with pytest.raises(APIError) as err:
         rewrite_request(st, {"model": "m", "messages": [], "n": 17}, "/v1/chat/completions")
     assert (err.value.status, err.value.param, err.value.code) == (400, "n", "too_many_choices")
+    with pytest.raises(APIError) as err:  # chat's boolean on the legacy endpoint, where it is a count
+        rewrite_request(st, {"model": "m", "prompt": "x", "logprobs": True}, "/v1/completions")
+    assert err.value.param == "logprobs" and "count" in err.value.message
+    assert rewrite_request(st, {"model": "m", "prompt": "x", "logprobs": 2}, "/v1/completions")[0]["logprobs"] == 2
+
+
+@pytest.mark.parametrize("tools, choice, param", [
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}], "required", "tools"),
+    ([{"type": "function", "function": {"name": "f"}}] * 2, None, "tools"),
+    ([{"type": "function", "function": {"name": "f"}}], {"type": "function", "function": {"name": "g"}},
+     "tool_choice"),
+    (None, "required", "tool_choice"),
+])
+def test_tools_vllm_would_refuse_get_the_same_400_as_on_transformers(tools: Any, choice: Any, param: str) -> None:
+    from ray_qlora.serve.vllm_engine import rewrite_request
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": choice}
+    with pytest.raises(APIError) as err:
+        rewrite_request(_state(), body, "/v1/chat/completions")
+    assert (err.value.status, err.value.param) == (400, param)
+    fine = {**body, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}
+    assert rewrite_request(_state(), fine, "/v1/chat/completions")[0]["tool_choice"] == "required"
 
 
 @pytest.mark.parametrize("fmt, param, code", [

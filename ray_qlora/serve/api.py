@@ -247,6 +247,8 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default max_logprobs too)
 MAX_CHOICES = 16  # n: one request's choices are one generate call, rows x max_tokens of work
+COUNTED_LOGPROBS = (f"on /v1/completions logprobs is a count (0 to {MAX_TOP_LOGPROBS}): the alternatives to give "
+                    "per token")
 
 
 class _Sampling(BaseModel):
@@ -421,6 +423,13 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     # the legacy API's logprobs is a count: 0 gives each token's own logprob, N adds N alternatives
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _a_count(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # chat's logprobs: true, sent here, would otherwise be read as 1
+            raise ValueError(COUNTED_LOGPROBS)
+        return v
 
     @property
     def logprob_top(self) -> int | None:

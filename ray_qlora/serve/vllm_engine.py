@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 from ray_qlora import adapters, storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
-from ray_qlora.serve.api import (APIError, Limits, _LimitsMiddleware, check_choices, check_response_format,
-                                 check_tools, models_body, read_body, replaying)
+from ray_qlora.serve.api import (COUNTED_LOGPROBS, APIError, Limits, _LimitsMiddleware, check_choices,
+                                 check_response_format, check_tools, models_body, read_body, replaying)
 
 __all__ = ["build_vllm_app", "cpu_head_sizes", "engine_problem", "llm_configs"]
 
@@ -252,6 +252,8 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
                            param, code="max_tokens_exceeded")
     if isinstance(body.get("n"), int):
         check_choices(body["n"])
+    if path.endswith("/v1/completions") and isinstance(body.get("logprobs"), bool):
+        raise APIError(400, f"logprobs: {COUNTED_LOGPROBS}", "logprobs")
     body.pop("chat_template", None)  # templates run as code in the engine: only the registry's are taken
     if body.get("response_format") is not None:
         check_response_format(body["response_format"])
