@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_qlora.serve.api import ChatCompletionRequest
+from ray_qlora.serve.api import APIError, ChatCompletionRequest
 from ray_qlora.serve.tools import call_schema, read_calls
 
 WEATHER = {"name": "get_weather", "description": "Forecast for a city",
@@ -41,6 +41,27 @@ def test_named_and_required_choices_become_the_schemas_vllm_builds() -> None:
     assert options[0]["properties"]["parameters"] == WEATHER["parameters"]
     assert call_schema([WEATHER], "required", None, parallel=False)["maxItems"] == 1  # type: ignore[index]
     assert call_schema([WEATHER], "auto", None) is None and call_schema([WEATHER], "none", None) is None
+
+
+def test_required_keeps_the_references_of_parameters_with_definitions() -> None:
+    """Schemas made by pydantic (the openai SDK's pydantic_function_tool) refer to "#/$defs/...": in the
+    list of calls they must still resolve."""
+    from ray_qlora.structured import check_followable
+
+    dose = {"type": "object", "properties": {"mg": {"type": "number"}}, "required": ["mg"]}
+    order = {"name": "order", "parameters": {"type": "object", "properties": {"dose": {"$ref": "#/$defs/Dose"}},
+                                             "required": ["dose"], "$defs": {"Dose": dose}}}
+    twin = {"name": "reorder", "parameters": order["parameters"]}  # the same definition twice is fine
+    required = call_schema([order, twin, NOW], "required", None)
+    assert required is not None and required["$defs"] == {"Dose": dose}
+    assert all("$defs" not in o["properties"]["parameters"] for o in required["items"]["anyOf"])
+    check_followable(required)  # before: "Cannot find field '$defs' in #/$defs/A"
+    assert "$defs" in order["parameters"]  # the request's own tools are left as they were
+    clash = {"name": "other", "parameters": {**order["parameters"], "$defs": {"Dose": {"type": "string"}}}}
+    with pytest.raises(APIError) as err:
+        _request(tools=[{"type": "function", "function": order}, {"type": "function", "function": clash}],
+                 tool_choice="required")
+    assert (err.value.param, err.value.code) == ("tools", "invalid_json_schema") and "Dose" in err.value.message
 
 
 def test_the_request_picks_the_mode_and_its_schema() -> None:

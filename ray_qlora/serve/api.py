@@ -360,6 +360,10 @@ class ChatCompletionRequest(_Sampling):
         if mode == "named" and self.tool_choice_name not in names:
             raise APIError(400, f"tool_choice names {self.tool_choice_name!r}, which is not among tools {names}",
                            "tool_choice")
+        try:
+            self.schema_text  # noqa: B018 - built here so a tools list that cannot make one is a 400, not a 500
+        except ValueError as err:
+            raise APIError(400, f"tools: {err}", "tools", code="invalid_json_schema") from None
         if mode in ("required", "named") and self.response_format and self.response_format.type != "text":
             # both would set the grammar the answer follows: a call's arguments, or the response's JSON
             raise APIError(400, "response_format cannot be combined with a forced tool_choice; the call's "

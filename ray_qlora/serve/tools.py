@@ -59,12 +59,25 @@ def call_schema(functions: list[dict[str, Any]], mode: ToolMode, name: str | Non
         return _parameters(next(f for f in functions if f["name"] == name))
     if mode != "required":
         return None
-    one_call = [{"type": "object",
-                 "properties": {"name": {"type": "string", "enum": [f["name"]]}, "parameters": _parameters(f)},
-                 "required": ["name", "parameters"]} for f in functions]
+    # each function's parameters move inside the list's items, but their "#/$defs/..." references still
+    # point at the root: the definitions move there (as vLLM does); a name two tools define differently
+    # is a ValueError
+    defs: dict[str, Any] = {}
+    one_call = []
+    for f in functions:
+        params = dict(_parameters(f))
+        for key, value in params.pop("$defs", {}).items():
+            if defs.setdefault(key, value) != value:
+                raise ValueError(f"tools define $defs/{key} differently; tool_choice 'required' needs one "
+                                 "meaning per name")
+        one_call.append({"type": "object",
+                         "properties": {"name": {"type": "string", "enum": [f["name"]]}, "parameters": params},
+                         "required": ["name", "parameters"]})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": one_call}}
     if not parallel:  # parallel_tool_calls: false is at most one call per answer
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 
