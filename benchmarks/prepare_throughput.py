@@ -44,7 +44,8 @@ def baseline(raws: list[str], base: Path, max_len: int) -> float:
 
     def step(row: dict) -> dict:
         try:
-            out = tokenize_conversation(tok, normalize_row(json.loads(row["raw"])), max_len, eot=eot)
+            example = normalize_row(json.loads(row["raw"]))
+            out = tokenize_conversation(tok, example.messages, max_len, eot=eot, tools=example.tools)
             return {"input_ids": out["input_ids"], "labels": out["labels"], "ok": True}
         except RowError:
             return {"input_ids": [], "labels": [], "ok": False}

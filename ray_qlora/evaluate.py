@@ -28,7 +28,8 @@ from typing import Any, Callable
 from ray_qlora import storage
 from ray_qlora.config import ConfigError, PipelineConfig
 
-__all__ = ["evaluate", "format_table", "load_scorer", "normalize", "task_metrics"]
+__all__ = ["calls_text", "evaluate", "format_table", "load_scorer", "normalize", "prediction", "reference",
+           "task_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,33 @@ def normalize(text: str) -> str:
     """Lower case, no punctuation, single spaces: 'Take 5 mg.' and 'take 5mg' stay apart, case and stops don't."""
     text = unicodedata.normalize("NFKC", text).lower().translate(_PUNCT)
     return " ".join(text.split())
+
+
+def calls_text(functions: list[dict[str, Any]]) -> str:
+    """Tool calls ({name, arguments}, arguments as an object or its JSON text) as one canonical JSON text.
+
+    A call is scored on what it does, not how it was spelled: key order and spacing are normalised, so
+    exact_match compares names and arguments.
+    """
+    calls = [{"name": f["name"], "arguments": _parse_json(f["arguments"]) if isinstance(f["arguments"], str)
+              else f["arguments"]} for f in functions]
+    return json.dumps(calls, sort_keys=True, ensure_ascii=False)
+
+
+def reference(message: dict[str, Any]) -> str:
+    """What a held-out answer is scored against: its text, or its tool calls when it makes any."""
+    if message.get("tool_calls"):
+        return calls_text([c["function"] for c in message["tool_calls"]])
+    return message["content"]
+
+
+def prediction(text: str, tok: Any = None) -> str:
+    """A generated answer as it is scored: its tool calls when it made any, read as the server reads them
+    (``tok``'s response_template, else Hermes tags), else its text."""
+    from ray_qlora.serve.tools import read_calls
+
+    calls = read_calls({"text": text, "finish_reason": "stop"}, "auto", tok=tok)["tool_calls"]
+    return calls_text([c["function"] for c in calls]) if calls else text
 
 
 def load_scorer(spec: str) -> Callable[[str, str], float]:
@@ -165,9 +193,11 @@ class _Generator:
         from ray_qlora.generation import generate
 
         convs = [json.loads(m)[:-1] for m in batch["messages"]]
-        outs = generate(self.model, self.tok, convs, self.cfg.eval.max_new_tokens, len(convs), grammar=self.grammar)
+        tools = [json.loads(t) if t else None for t in batch["tools"]] if "tools" in batch else None
+        outs = generate(self.model, self.tok, convs, self.cfg.eval.max_new_tokens, len(convs), grammar=self.grammar,
+                        tools=tools)
         losses = [self._loss(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
-        return {"content_hash": batch["content_hash"], "prediction": [o["text"] for o in outs],
+        return {"content_hash": batch["content_hash"], "prediction": [prediction(o["text"], self.tok) for o in outs],
                 "actor": [self.actor_id] * len(outs),
                 "completion_tokens": [o["completion_tokens"] for o in outs],
                 "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
@@ -189,8 +219,9 @@ def eval_rows(cfg: PipelineConfig, run: storage.RunPaths) -> "Any":
     import pyarrow.dataset as pads
 
     fs, path = storage.resolve(run.eval, cfg.storage)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
-        columns=["content_hash", "messages", "input_ids", "labels"]).sort_by("content_hash")
+    data = pads.dataset(path, filesystem=fs, format="parquet")
+    tools = ["tools"] if "tools" in data.schema.names else []  # shards written before tool use have none
+    table = data.to_table(columns=["content_hash", "messages", *tools, "input_ids", "labels"]).sort_by("content_hash")
     return table.slice(0, cfg.eval.max_examples) if cfg.eval.max_examples else table
 
 
@@ -239,7 +270,7 @@ def _score(name: str, cfg: PipelineConfig, table: Any, model_ref: str, adapter_u
            scorer: Callable[[str, str], float] | None = None) -> dict[str, Any]:
     out = generate_on_cluster(cfg, table, model_ref, adapter_uri)
     hashes = table.column("content_hash").to_pylist()
-    refs = [json.loads(m)[-1]["content"] for m in table.column("messages").to_pylist()]
+    refs = [reference(json.loads(m)[-1]) for m in table.column("messages").to_pylist()]
     preds = [out[h]["prediction"] for h in hashes]
     loss = sum(out[h]["loss_sum"] for h in hashes) / max(1, sum(out[h]["loss_tokens"] for h in hashes))
     metrics = {"eval_loss": loss, **task_metrics(preds, refs, cfg.eval.task, cfg.eval.metrics, cfg.eval.regex,
@@ -331,7 +362,7 @@ def evaluate(cfg: PipelineConfig, run: storage.RunPaths, merge_result: dict[str,
         report["merged_vs_adapter_agreement"] = (
             sum(a == b for a, b in zip(adapter["predictions"], tuned["predictions"])) / max(1, table.num_rows))
     msgs = [json.loads(m) for m in table.column("messages").to_pylist()]
-    report["samples"] = [{"prompt": m[-2]["content"] if len(m) > 1 else "", "reference": m[-1]["content"],
+    report["samples"] = [{"prompt": m[-2]["content"] if len(m) > 1 else "", "reference": reference(m[-1]),
                           **{k: v[i] for k, v in preds.items()}} for i, m in enumerate(msgs[:cfg.eval.samples])]
     storage.write_json(run.report, report, cfg.storage)
     storage.write_json(storage.join(run.eval_dir, "predictions.json"),

@@ -245,16 +245,19 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
     return kwargs
 
 
-def generate(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", conversations: list[list[dict[str, str]]],
+def generate(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", conversations: list[list[dict[str, Any]]],
              max_new_tokens: int, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, grammar: Any = None,
-             logprobs: int | None = None, bias: TokenBias | None = None) -> list[dict[str, Any]]:
+             logprobs: int | None = None, bias: TokenBias | None = None,
+             tools: list[list[dict[str, Any]] | None] | None = None) -> list[dict[str, Any]]:
     """Batched chat completion; greedy when temperature is 0.
 
+    ``tools``: each conversation's function tools (None: none), shown by the chat template.
     Returns per conversation {text, prompt_tokens, completion_tokens, finish_reason}.
     """
-    return generate_text(model, tok, [render(tok, c) for c in conversations], max_new_tokens, batch_size,
-                         temperature, top_p, seed, stop, grammar, logprobs, bias)
+    prompts = [render(tok, c, t) for c, t in zip(conversations, tools or [None] * len(conversations))]
+    return generate_text(model, tok, prompts, max_new_tokens, batch_size, temperature, top_p, seed, stop, grammar,
+                         logprobs, bias)
 
 
 def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prompts: list[str],

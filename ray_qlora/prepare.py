@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from ray_qlora import storage
 from ray_qlora.config import PipelineConfig, StorageConfig
 from ray_qlora.data import checks, dedup, sources
-from ray_qlora.data.formats import RowError, normalize_row
+from ray_qlora.data.formats import Example, RowError, normalize_row
 from ray_qlora.data.templating import end_of_turn_id, tokenize_conversations
 from ray_qlora.errors import DataError
 
@@ -53,9 +53,11 @@ BUCKETS = ("train", "eval", "quarantine", "duplicate")
 PREPARE_VERSION = 3  # 3: pieces of a render tokenized on their own
 
 
-def content_hash(messages: list[dict[str, str]]) -> str:
-    """Identity of a conversation: equal messages, equal hash, whatever file they came from."""
-    canon = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+def content_hash(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """Identity of a conversation: equal messages (and tools), equal hash, whatever file they came from."""
+    # without tools, the messages alone: hashes (and so train/eval splits) stay what they were
+    canon = json.dumps(messages if tools is None else {"messages": messages, "tools": tools},
+                       sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
@@ -87,7 +89,8 @@ def _processed_schema() -> "pa.Schema":
     return pa.schema([
         ("uid", pa.string()), ("path", pa.string()), ("source", pa.int32()), ("line", pa.int64()),
         ("record", pa.string()), ("raw", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-        ("messages", pa.string()), ("content_hash", pa.string()), ("dedup_keys", pa.list_(pa.int64())),
+        ("messages", pa.string()), ("tools", pa.string()), ("content_hash", pa.string()),
+        ("dedup_keys", pa.list_(pa.int64())),
         ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
         ("num_tokens", pa.int32()), ("num_label_tokens", pa.int32()), ("check_failures", pa.list_(pa.string())),
         ("check_failed", pa.bool_()),
@@ -111,8 +114,8 @@ class _RowProcessor:
         self.formats = [s.format or d.format for s in d.all_sources()]
         self.schema = _processed_schema()
 
-    def _parsed(self, record: str, raw: str, reason: str, source: int) -> list[dict[str, str]] | str:
-        """A data row's normalised messages, or why it goes to quarantine ('' for a file record)."""
+    def _parsed(self, record: str, raw: str, reason: str, source: int) -> Example | str:
+        """A data row's normalised messages and tools, or why it goes to quarantine ('' for a file record)."""
         if record == "file" or reason:  # a file's status record, or a row the reader rejected (not UTF-8)
             return reason
         try:
@@ -143,22 +146,26 @@ class _RowProcessor:
         d = self.cfg.data
         cols = batch.to_pydict()
         parsed = [self._parsed(*args) for args in zip(cols["record"], cols["raw"], cols["reason"], cols["source"])]
-        convs = [p for p in parsed if isinstance(p, list)]
-        tokenized = iter(tokenize_conversations(self.tok, convs, d.max_seq_length, d.length_policy, self.eot))
+        examples = [p for p in parsed if isinstance(p, Example)]
+        convs = [e.messages for e in examples]
+        tokenized = iter(tokenize_conversations(self.tok, convs, d.max_seq_length, d.length_policy, self.eot,
+                                                [e.tools for e in examples]))
         keys = iter(dedup.batch_dedup_keys(convs, d.dedup))
-        empty = {"status": "quarantine", "reason": "", "messages": "", "content_hash": "", "dedup_keys": [],
+        empty = {"status": "quarantine", "reason": "", "messages": "", "tools": "", "content_hash": "",
+                 "dedup_keys": [],
                  "input_ids": [], "labels": [], "num_tokens": 0, "num_label_tokens": 0, "check_failures": []}
         rows: list[dict[str, Any]] = []
         for record, p in zip(cols["record"], parsed):
             if record == "file":  # a file's status record travels through untouched
                 rows.append({**empty, "status": "file", "reason": p})
                 continue
-            out, row_keys = (next(tokenized), next(keys)) if isinstance(p, list) else (RowError(p), [])
+            out, row_keys = (next(tokenized), next(keys)) if isinstance(p, Example) else (RowError(p), [])
             if isinstance(out, RowError):
                 rows.append({**empty, "reason": str(out)})
                 continue
-            rows.append({**out, "status": "ok", "reason": "", "messages": json.dumps(p, ensure_ascii=False),
-                         "content_hash": content_hash(p), "dedup_keys": row_keys})
+            rows.append({**out, "status": "ok", "reason": "", "messages": json.dumps(p.messages, ensure_ascii=False),
+                         "tools": json.dumps(p.tools, ensure_ascii=False) if p.tools else "",
+                         "content_hash": content_hash(p.messages, p.tools), "dedup_keys": row_keys})
         out_cols = {name: cols[name] for name in sources.RAW_COLUMNS if name != "reason"}
         out_cols["check_failed"] = [bool(r["check_failures"]) for r in rows]
         for name in self.schema.names:
@@ -465,7 +472,7 @@ def _write_train(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage.Ru
         cols = ["input_ids", "labels", "seq_lengths", "num_tokens", "num_label_tokens", "num_examples"]
     else:
         train = train.materialize()
-        cols = ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"]
+        cols = ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "tools", "content_hash", "source"]
     totals = _totals(train)
     rows, tokens = totals["count()"], totals["sum(num_tokens)"]
     if rows:
@@ -646,7 +653,7 @@ def _write_examples(final: "ray.data.Dataset", cfg: PipelineConfig, run: storage
     from ray.data.expressions import col
 
     _write(final.filter(expr=col("bucket") == "eval"),
-           ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "content_hash", "source"],
+           ["input_ids", "labels", "num_tokens", "num_label_tokens", "messages", "tools", "content_hash", "source"],
            run.eval, cfg)
     return _write_train(final, cfg, run)
 

@@ -64,6 +64,15 @@ def test_exact_duplicates_fold_case_and_spacing_and_keep_the_first() -> None:
     assert out == {"001": ("000", "exact duplicate of 000")}
 
 
+def test_tool_calls_with_different_arguments_are_not_duplicates() -> None:
+    def called(city: str) -> list[dict]:
+        return [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]}]
+
+    out = _resolve({"a": called("Oslo"), "b": called("Lima"), "c": called("Oslo")}, DedupConfig(near=False))
+    assert out == {"c": ("a", "exact duplicate of a")}
+
+
 def test_near_duplicate_found_above_threshold_only() -> None:
     text = " ".join(f"w{i}" for i in range(100))
     out = _resolve({"a": _chat(text), "b": _chat(text.replace("w40", "changed")),

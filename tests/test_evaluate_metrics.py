@@ -107,3 +107,17 @@ def test_summary_markdown_has_table_and_escaped_samples() -> None:
                       "samples": [{"prompt": "a|b", "reference": "x\ny", "base": "?", "tuned": "x"}]})
     assert "| exact_match | 0.0% | 50.0% |" in md
     assert "| a\\|b | x<br>y | ? | x |" in md
+
+
+def test_tool_calls_are_scored_on_name_and_arguments_not_spelling() -> None:
+    from ray_qlora.evaluate import prediction, reference
+
+    ref = reference({"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}]})
+    assert reference({"role": "assistant", "content": "4 C."}) == "4 C."
+
+    same = prediction('<tool_call>\n{"arguments": {"days": 2,"city": "Oslo"}, "name": "get_weather"}\n</tool_call>')
+    other = prediction('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": 2}}\n</tool_call>')
+    text = prediction("I cannot check the weather.")
+    assert text == "I cannot check the weather."
+    assert task_metrics([same, other, text], [ref] * 3)["exact_match"] == pytest.approx(1 / 3)

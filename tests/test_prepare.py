@@ -78,6 +78,19 @@ def _alpaca(i: int) -> dict[str, str]:
     return {"instruction": f"Echo {i}", "output": f"echo {i}"}
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def _tool_row(city: str) -> dict[str, Any]:
+    return {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": f"Weather in {city}?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12 C"},
+        {"role": "assistant", "content": f"12 C in {city}."}]}
+
+
 def _write_inputs(folder: Path) -> dict[str, int]:
     """One folder with every file type, format and failure; returns the rows expected per file."""
     folder.mkdir(parents=True)
@@ -123,6 +136,16 @@ def _write_inputs(folder: Path) -> dict[str, int]:
     with pa.CompressedOutputStream(str(folder / "e.jsonl.zst"), "zstd") as out:
         out.write("\n".join(pc_rows).encode())
     expected["e.jsonl.zst"] = len(pc_rows)
+
+    tools = [_tool_row(city) for city in ("Oslo", "Lima", "Pune", "Kyiv", "Perth")]
+    tools.append({"tools": json.dumps([WEATHER["function"]]), "conversations": [  # LLaMA-Factory's ShareGPT
+        {"from": "human", "value": "Weather in Quito?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Quito"}})}]})
+    bad = _tool_row("Rome")
+    bad["messages"][1]["tool_calls"][0]["function"]["name"] = "get_time"
+    tools.append(bad)  # calls a function its tools do not define
+    (folder / "g_tools.jsonl").write_text("\n".join(map(json.dumps, tools)) + "\n")
+    expected["g_tools.jsonl"] = len(tools)
 
     whole = gzip.compress("\n".join(json.dumps(_alpaca(100 + i)) for i in range(5000)).encode())
     (folder / "f.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # truncated download
@@ -171,7 +194,7 @@ def test_every_row_is_accounted_for_per_file_and_in_total(prepared) -> None:  # 
     for f in manifest["files"]:
         if f["status"] != "skipped":
             assert f["read"] == f["train"] + f["eval"] + f["quarantine"] + f["duplicate"], f["uri"]
-    assert c["duplicate"] == 3 and c["quarantine"] == 7
+    assert c["duplicate"] == 3 and c["quarantine"] == 8
 
 
 def test_quarantine_keeps_row_and_reason(prepared) -> None:  # noqa: ANN001
@@ -181,7 +204,8 @@ def test_quarantine_keeps_row_and_reason(prepared) -> None:  # noqa: ANN001
     assert set(manifest["quarantine_reasons"]) == {
         "invalid JSON", "field 'output' is missing or empty", "unrecognised row format",
         "plain-text row (continued pre-training); set data.allow_text", "too long", "not UTF-8",
-        "the conversation must end with an assistant message"}
+        "the conversation must end with an assistant message",
+        "a tool call names 'get_time', which the row's tools do not define (['get_weather'])"}
     assert by_reason["invalid JSON"]["raw"] == '{"instruction": "cut off"'
     assert by_reason["invalid JSON"]["path"].endswith("a.jsonl") and by_reason["invalid JSON"]["line"] == 31
     assert "\\xff" in by_reason["not UTF-8"]["raw"], "the bad bytes are kept, escaped"
@@ -210,6 +234,23 @@ def test_every_format_reaches_the_shards(prepared) -> None:  # noqa: ANN001
     assert share[0] == {"role": "system", "content": "be brief"}
 
 
+def test_tool_use_reaches_the_shards_with_its_tools_and_calls_labelled(prepared) -> None:  # noqa: ANN001
+    from ray_qlora.modeling import load_tokenizer
+
+    cfg, run, _, _ = prepared
+    tok = load_tokenizer(cfg.model.base)
+    rows = pq.read_table(run.train).to_pylist() + pq.read_table(run.eval).to_pylist()
+    tooled = [r for r in rows if r["tools"]]
+    assert len(tooled) == 6 and all(json.loads(r["tools"]) == [WEATHER] for r in tooled)
+    assert all(not r["tools"] for r in rows if r not in tooled)
+    for r in tooled:
+        msgs = json.loads(r["messages"])
+        city = msgs[1]["tool_calls"][0]["function"]["arguments"]["city"]
+        learned = tok.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100])
+        assert f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>' in learned
+        assert "<tools>" in tok.decode(r["input_ids"]) and "<tools>" not in learned  # shown, not learned
+
+
 def test_shards_hold_masked_tokens_and_checks_pass(prepared) -> None:  # noqa: ANN001
     _, run, _, manifest = prepared
     train = pq.read_table(run.train).to_pylist()
@@ -221,6 +262,7 @@ def test_shards_hold_masked_tokens_and_checks_pass(prepared) -> None:  # noqa: A
     stats = manifest["token_lengths"]["train"]
     assert stats["min"] <= stats["p50"] <= stats["p95"] <= stats["max"] <= 512
     assert manifest["checks"]["end_of_turn_token"] == "<|im_end|>"
+    assert manifest["checks"]["tool_use"] == "hermes tags (tool front)"  # SmolLM2's template writes no tool use
     assert all(v["passed"] for k, v in manifest["checks"].items() if isinstance(v, dict))
     assert len(manifest["input_hash"]) == 64 and manifest["cache_hit"] is False
 

@@ -94,3 +94,100 @@ def test_a_batch_gives_what_each_row_gives_alone(tok) -> None:  # noqa: ANN001
         assert got == tokenize_conversation(tok, msgs, max_len=64)
     assert _labelled_text(tok, batch[3]) == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
     assert batch[1]["num_label_tokens"] == batch[1]["num_tokens"]  # plain text: every token learned
+
+
+# Tool use: the conversation the server renders for a request is the one training labelled.
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}}
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "4 C, rain"},
+    {"role": "assistant", "content": "4 C and rain."},
+]
+
+
+def test_a_template_without_tool_use_gets_the_tool_front_and_plain_chats_render_unchanged(
+        tokenizer_dir: Path, tok) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    from ray_qlora.data.templating import TOOL_USE_TEMPLATE, writes_tool_use
+
+    raw = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert not writes_tool_use(raw)  # SmolLM2's template drops calls and results
+    assert tok.chat_template == TOOL_USE_TEMPLATE + raw.chat_template and writes_tool_use(tok)
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    for msgs, gen in ((chat, False), (chat[1:], False), (chat[:2], True), (chat[1:2], True)):
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == \
+            raw.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    again = load_tokenizer(tokenizer_dir, tok.chat_template)  # a saved model's template is not wrapped twice
+    assert again.chat_template == tok.chat_template
+
+
+def test_a_template_that_writes_tool_use_is_kept_as_it_is(tokenizer_dir: Path) -> None:
+    own = ("{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+           "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert load_tokenizer(tokenizer_dir, own).chat_template == own
+
+
+def test_tool_use_labels_the_calls_and_answers_not_the_tools_or_results(tok) -> None:  # noqa: ANN001
+    out = tokenize_conversation(tok, TOOL_CHAT, max_len=512, tools=[WEATHER])
+    assert out["check_failures"] == []
+    assert _labelled_text(tok, out) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+        "4 C and rain.<|im_end|>"]
+    text = tok.decode(out["input_ids"])
+    assert '"name": "get_weather", "description": "Weather in a city"' in text  # the tools are in the prompt
+    assert "<|im_start|>user\n<tool_response>\n4 C, rain\n</tool_response><|im_end|>" in text
+    without = tokenize_conversation(tok, TOOL_CHAT, max_len=512)  # a row without tools: calls, no tool list
+    assert "get_weather" in tok.decode(without["input_ids"]) and "<tools>" not in tok.decode(without["input_ids"])
+
+
+def test_the_server_prompts_a_tool_conversation_with_the_tokens_training_saw(tok) -> None:  # noqa: ANN001
+    from ray_qlora.generation import render
+    from ray_qlora.serve.api import ChatCompletionRequest
+    from ray_qlora.serve.tools import read_calls
+
+    out = tokenize_conversation(tok, TOOL_CHAT, max_len=512, tools=[WEATHER])
+    # the request a client sends after running the call: arguments as JSON text, as OpenAI's API has them
+    req = ChatCompletionRequest(model="m", tools=[WEATHER], messages=[
+        TOOL_CHAT[0],
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        TOOL_CHAT[2]])
+    for upto, turn in ((1, 0), (3, 1)):  # the prompt of the call, then of the final answer
+        sent = req.conversation()[:upto]
+        prompt = tok(render(tok, sent, req.template_tools()), add_special_tokens=False)["input_ids"]
+        assert out["input_ids"][:len(prompt)] == prompt
+        assert out["labels"][len(prompt) - 1] == IGNORE_INDEX and out["labels"][len(prompt)] != IGNORE_INDEX
+    # and the call the model learned to write reads back as the call it was trained on
+    learned = _labelled_text(tok, out)[0].removesuffix("<|im_end|>")
+    calls = read_calls({"text": learned, "finish_reason": "stop"}, "auto", tok=tok,
+                       functions=[WEATHER["function"]])["tool_calls"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("get_weather", '{"city": "Oslo"}')]
+
+
+def test_the_tool_sample_trains_calls_and_text_answers_with_two_rows_quarantined(tok) -> None:  # noqa: ANN001
+    import json
+
+    from ray_qlora.data.formats import normalize_row
+    from ray_qlora.data.sample import PLACE_ORDER, TOOL_SYSTEM_PROMPT, tool_sample_files
+
+    examples, reasons = [], []
+    for data in tool_sample_files(n=40).values():
+        for line in data.decode().splitlines():
+            try:
+                examples.append(normalize_row(json.loads(line), system_prompt=TOOL_SYSTEM_PROMPT))
+            except RowError as err:
+                reasons.append(str(err))
+    assert len(examples) == 40 and len(reasons) == 2
+    assert "'cancel_order', which the row's tools do not define" in reasons[0] and "is not JSON" in reasons[1]
+    assert all(e.tools == [PLACE_ORDER] for e in examples)
+    last = [e.messages[-1] for e in examples]
+    assert sum("tool_calls" in m for m in last) == 16 and sum(m["content"].startswith("Placed RX-") for m in last) == 16
+    out = tokenize_conversations(tok, [e.messages for e in examples], 512, tools=[e.tools for e in examples])
+    assert all(not isinstance(o, RowError) and o["check_failures"] == [] for o in out)

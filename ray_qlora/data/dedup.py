@@ -21,6 +21,7 @@ order). So the driver holds keys and the colliding rows, never the dataset.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import zlib
 from functools import lru_cache
@@ -43,9 +44,15 @@ _SCHEME = "affine32"  # datasketch 2's default permutation scheme, named because
 # needs shingle hashes spread evenly, not cryptographic ones.
 
 
-def normalise(messages: list[dict[str, str]]) -> str:
-    """The text two rows must share to be exact duplicates: roles and contents, case and spacing folded."""
-    return "\n".join(f"{m['role']}: {_WS.sub(' ', m['content']).strip().lower()}" for m in messages)
+def normalise(messages: list[dict[str, Any]]) -> str:
+    """The text two rows must share to be exact duplicates: roles, contents and tool calls, case and spacing
+    folded (two rows calling one function with different arguments are different rows)."""
+    return "\n".join(f"{m['role']}: {_WS.sub(' ', _said(m)).strip().lower()}" for m in messages)
+
+
+def _said(message: dict[str, Any]) -> str:
+    calls = [[c["function"]["name"], c["function"]["arguments"]] for c in message.get("tool_calls", [])]
+    return message["content"] + (" " + json.dumps(calls, sort_keys=True, ensure_ascii=False) if calls else "")
 
 
 def _shingle_hashes(text: str, size: int) -> list[int]:

@@ -15,11 +15,22 @@ end-of-turn token got its label, is recorded per row as a check failure;
 
 Plain-text examples (role ``text``) are tokenized as they are plus the eos
 token, every token labelled: continued pre-training.
+
+Tool use is rendered by the chat template like everything else (its calls
+are answer tokens, its results prompt tokens), with the row's tools passed as
+``tools``, as the server passes a request's. Most small models' templates
+(SmolLM2's among them) write neither: ``set_chat_template`` then puts
+``TOOL_USE_TEMPLATE`` in front of the template, which rewrites the
+conversation the way Hermes-format models read it (tools listed in the system
+prompt, calls in ``<tool_call>`` tags, results in ``<tool_response>`` tags
+in a user turn) before the template runs. The saved model carries that
+template, so training, both serving engines and the exports render a
+conversation alike, and the server reads calls back in the same tags.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ray_qlora.data.formats import TEXT_ROLE, RowError
 
@@ -32,10 +43,12 @@ __all__ = [
     "CHECK_PROMPT_PREFIX",
     "IGNORE_INDEX",
     "NAMED_TEMPLATES",
+    "TOOL_USE_TEMPLATE",
     "end_of_turn_id",
     "set_chat_template",
     "tokenize_conversation",
     "tokenize_conversations",
+    "writes_tool_use",
 ]
 
 IGNORE_INDEX = -100
@@ -64,12 +77,84 @@ NAMED_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Put in front of a template that writes no tool use (see the module docstring). It only rewrites
+# ``messages`` (and clears ``tools``, now in the system prompt) and prints nothing, so a conversation
+# without tools renders exactly as the template alone renders it.
+TOOL_USE_TEMPLATE = (
+    "{#- ray-qlora: tool use as Hermes tags (tools in the system prompt, <tool_call>, <tool_response>) -#}\n"
+    "{%- set rq = namespace(msgs=[], start=0, results='', text='') -%}\n"
+    "{%- if tools -%}\n"
+    "  {%- set rq.text = '# Tools\\n\\nYou can call the functions below; their signatures, one per line, are "
+    "inside <tools></tools>:\\n<tools>' -%}\n"
+    "  {%- for t in tools -%}{%- set rq.text = rq.text + '\\n' + (t | tojson) -%}{%- endfor -%}\n"
+    "  {%- set rq.text = rq.text + '\\n</tools>\\n\\nTo call one, write a JSON object with its name and "
+    "arguments inside <tool_call></tool_call> tags:\\n<tool_call>\\n{\"name\": <function name>, "
+    "\"arguments\": <arguments object>}\\n</tool_call>\\nResults come back inside "
+    "<tool_response></tool_response> tags.' -%}\n"
+    "  {%- if messages and messages[0].role == 'system' -%}\n"
+    "    {%- set rq.msgs = [{'role': 'system', 'content': messages[0].content + '\\n\\n' + rq.text}] -%}\n"
+    "    {%- set rq.start = 1 -%}\n"
+    "  {%- else -%}{%- set rq.msgs = [{'role': 'system', 'content': rq.text}] -%}{%- endif -%}\n"
+    "{%- endif -%}\n"
+    "{%- for m in messages[rq.start:] -%}\n"
+    "  {%- if m.role == 'tool' -%}\n"
+    "    {%- set rq.results = rq.results + ('\\n' if rq.results else '') + '<tool_response>\\n' + m.content "
+    "+ '\\n</tool_response>' -%}\n"
+    "  {%- else -%}\n"
+    "    {%- if rq.results -%}\n"
+    "      {%- set rq.msgs = rq.msgs + [{'role': 'user', 'content': rq.results}] -%}{%- set rq.results = '' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- if m.role == 'assistant' and m.tool_calls -%}\n"
+    "      {%- set rq.text = m.content or '' -%}\n"
+    "      {%- for c in m.tool_calls -%}\n"
+    "        {%- set f = c.function if c.function is defined else c -%}\n"
+    "        {%- set args = f.arguments if f.arguments is string else (f.arguments | tojson) -%}\n"
+    "        {%- set rq.text = rq.text + ('\\n' if rq.text else '') + '<tool_call>\\n{\"name\": ' "
+    "+ (f.name | tojson) + ', \"arguments\": ' + args + '}\\n</tool_call>' -%}\n"
+    "      {%- endfor -%}\n"
+    "      {%- set rq.msgs = rq.msgs + [{'role': 'assistant', 'content': rq.text}] -%}\n"
+    "    {%- else -%}{%- set rq.msgs = rq.msgs + [m] -%}{%- endif -%}\n"
+    "  {%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if rq.results -%}{%- set rq.msgs = rq.msgs + [{'role': 'user', 'content': rq.results}] -%}{%- endif -%}\n"
+    "{%- set messages = rq.msgs -%}\n"
+    "{%- set tools = none %}"
+)
+
+# A conversation with a tool, a call and its result: a template that writes all of these writes tool use
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "rq_probe_tool", "description": "probe",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+_PROBE = [{"role": "user", "content": "hi"},
+          {"role": "assistant", "content": "", "tool_calls": [
+              {"id": "call_rqprobe", "type": "function",
+               "function": {"name": "rq_probe_call", "arguments": {"rq_probe_arg": 1}}}]},
+          {"role": "tool", "tool_call_id": "call_rqprobe", "content": "rq_probe_result"}]
+
+
+def writes_tool_use(tok: "PreTrainedTokenizerBase", template: str | None = None) -> bool:
+    """Whether a chat template (the tokenizer's by default) shows tools, calls and results to the model."""
+    try:
+        text = tok.apply_chat_template(_PROBE, tools=_PROBE_TOOLS, chat_template=template, tokenize=False,
+                                       add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template raises what it likes (often raise_exception) on roles it refuses
+        return False
+    return isinstance(text, str) and all(
+        s in text for s in ("rq_probe_tool", "rq_probe_call", "rq_probe_arg", "rq_probe_result"))
+
+
 def set_chat_template(tok: "PreTrainedTokenizerBase", template: str | None) -> None:
-    """Apply ``data.chat_template`` (a name from NAMED_TEMPLATES or Jinja text) to a tokenizer.
+    """Apply ``data.chat_template`` (a name from NAMED_TEMPLATES or Jinja text) to a tokenizer, made
+    to write tool use (TOOL_USE_TEMPLATE in front) when it writes none.
 
     Raises ValueError naming the config key when the tokenizer ends up with
     no template, or a named template's special tokens are not in its vocabulary.
     """
+    _set_template(tok, template)
+    if isinstance(tok.chat_template, str) and not writes_tool_use(tok):
+        tok.chat_template = TOOL_USE_TEMPLATE + tok.chat_template
+
+
+def _set_template(tok: "PreTrainedTokenizerBase", template: str | None) -> None:
     if template is None:
         if not tok.chat_template:
             raise ValueError("the tokenizer has no chat template; set data.chat_template "
@@ -112,19 +197,21 @@ def end_of_turn_id(tok: "PreTrainedTokenizerBase") -> int:
     return int(tok.eos_token_id)
 
 
-def _render(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]], gen_prompt: bool) -> list[int]:
+def _render(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, Any]], gen_prompt: bool) -> list[int]:
     return tok(_render_text(tok, msgs, gen_prompt), add_special_tokens=False)["input_ids"]
 
 
-def _render_text(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]], gen_prompt: bool) -> str:
-    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+def _render_text(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, Any]], gen_prompt: bool,
+                 tools: list[dict[str, Any]] | None = None) -> str:
+    return tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen_prompt)
 
 
 # A conversation split into text pieces at its turn boundaries: (text, labelled).
 _Pieces = list[tuple[str, bool]]
 
 
-def _chat_pieces(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]]) -> tuple[_Pieces, list[str]]:
+def _chat_pieces(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None = None) -> tuple[_Pieces, list[str]]:
     """The training render cut at each assistant turn's start (where the inference prompt ends) and end.
 
     An answer piece runs from the end of the inference prompt for that turn
@@ -133,14 +220,14 @@ def _chat_pieces(tok: "PreTrainedTokenizerBase", msgs: list[dict[str, str]]) -> 
     render is a check failure: the server would prompt with text the model
     never saw in training.
     """
-    full = _render_text(tok, msgs, gen_prompt=False)
+    full = _render_text(tok, msgs, False, tools)
     cuts: list[tuple[int, int]] = []
     failures: list[str] = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = _render_text(tok, msgs[:i], gen_prompt=True)
-        upto = full if i == len(msgs) - 1 else _render_text(tok, msgs[: i + 1], gen_prompt=False)
+        prompt = _render_text(tok, msgs[:i], True, tools)
+        upto = full if i == len(msgs) - 1 else _render_text(tok, msgs[: i + 1], False, tools)
         start, end = len(prompt), len(upto)
         if not (full.startswith(prompt) and full.startswith(upto) and start <= end) or (cuts and start < cuts[-1][1]):
             failures.append(CHECK_PROMPT_PREFIX)
@@ -189,10 +276,11 @@ def _finish(ids: list[int], labels: list[int], failures: list[str], max_len: int
 
 def tokenize_conversations(
     tok: "PreTrainedTokenizerBase",
-    convs: list[list[dict[str, str]]],
+    convs: list[list[dict[str, Any]]],
     max_len: int,
     policy: str = "quarantine",
     eot: int | None = None,
+    tools: Sequence[list[dict[str, Any]] | None] | None = None,
 ) -> list[dict[str, Any] | RowError]:
     """Conversations -> per conversation {input_ids, labels, num_tokens, num_label_tokens,
     check_failures}, or the RowError that puts it in quarantine.
@@ -208,15 +296,15 @@ def tokenize_conversations(
     RowError, 'truncate' cuts it (RowError only if no label survives).
     ``check_failures`` names the template checks the row failed; those are
     the template's fault, not the row's, so they stop the stage instead of
-    quarantining the row.
+    quarantining the row. ``tools``: each conversation's function tools (None: none).
     """
     eot = end_of_turn_id(tok) if eot is None else eot
     split: list[tuple[_Pieces, list[str]]] = []
-    for msgs in convs:
+    for msgs, row_tools in zip(convs, tools or [None] * len(convs)):
         if msgs[0]["role"] == TEXT_ROLE:  # continued pre-training: every token, plus eos to end the document
             split.append(([(msgs[0]["content"], True)], []))
         else:
-            split.append(_chat_pieces(tok, msgs))
+            split.append(_chat_pieces(tok, msgs, row_tools))
     texts = [text for pieces, _ in split for text, _ in pieces]
     encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
     out: list[dict[str, Any] | RowError] = []
@@ -239,13 +327,14 @@ def tokenize_conversations(
 
 def tokenize_conversation(
     tok: "PreTrainedTokenizerBase",
-    msgs: list[dict[str, str]],
+    msgs: list[dict[str, Any]],
     max_len: int,
     policy: str = "quarantine",
     eot: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One conversation through ``tokenize_conversations``; raises its RowError."""
-    out = tokenize_conversations(tok, [msgs], max_len, policy, eot)[0]
+    out = tokenize_conversations(tok, [msgs], max_len, policy, eot, [tools])[0]
     if isinstance(out, RowError):
         raise out
     return out
