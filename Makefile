@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - install, then run the whole pipeline on the embedded default
 #   make test   - install, then run the test suite (what CI runs)
+#   make demo-tools - the demo on the tool-use sample (function calling)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo demo-tools test test-fast clean
 
 install: $(STAMP)
 
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/ray-qlora demo jobs/configs/demo.yaml
+
+demo-tools: install
+	$(VENV)/bin/ray-qlora demo jobs/configs/tools.yaml --sample tools
 
 test: install
 	CHECKOV=$(VENV)/checkov/bin/checkov $(PY) -m pytest -q --durations=15

@@ -4,10 +4,11 @@ Every side runs ``ray_qlora.generation.generate`` (what the transformers engine
 runs) on the same untuned model, prompts and greedy settings, in batches, and
 reads its calls with ``ray_qlora.serve.tools.read_calls``, as the server does:
 
-- prompted: tool_choice 'auto'. The tool is described in the system prompt,
-  with Hermes' instruction to answer ``<tool_call>{"name", "arguments"}</tool_call>``
-  (SmolLM2's chat template shows no tools itself); the calls are read from
-  the free text.
+- prompted: tool_choice 'auto'. The tool goes to the chat template as the
+  server passes it: SmolLM2's template shows no tools, so the project's tool
+  front lists it in the system prompt with the instruction to answer
+  ``<tool_call>{"name", "arguments"}</tool_call>`` (data/templating.py); the
+  calls are read from the free text.
 - named: tool_choice {"type": "function", "function": {"name": "place_order"}};
   the arguments are generated under the tool's parameters schema.
 - required: tool_choice 'required' with parallel_tool_calls false; a list of
@@ -35,11 +36,6 @@ from structured_output import SCHEMA  # noqa: E402  (the demo's orders, as struc
 
 TOOL = {"name": "place_order", "description": "Place one medication order.", "parameters": SCHEMA}
 
-# Hermes' tool prompt, in our words: the tools as JSON inside <tools></tools>, the call format to answer in
-HERMES_PROMPT = ("You may call the function below. Its signature is inside <tools></tools>:\n<tools>\n{tools}\n"
-                 "</tools>\nTo call it, answer with a JSON object holding its name and arguments inside "
-                 "<tool_call></tool_call> tags:\n<tool_call>\n"
-                 '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
 
 
 def _valid_call(read: dict[str, Any]) -> bool:
@@ -60,7 +56,8 @@ def _side(model: Any, tok: Any, convs: list, new_tokens: int, batch_size: int, g
     from ray_qlora.serve.tools import read_calls
 
     start = time.perf_counter()
-    outs = generate(model, tok, convs, new_tokens, batch_size, grammar=grammar)
+    tools = [[{"type": "function", "function": TOOL}]] * len(convs)  # as the server hands a request's tools over
+    outs = generate(model, tok, convs, new_tokens, batch_size, grammar=grammar, tools=tools)
     wall = time.perf_counter() - start
     reads = [read_calls(o, mode, TOOL["name"], tok=tok, functions=[TOOL]) for o in outs]  # type: ignore[arg-type]
     tokens = sum(o["completion_tokens"] for o in outs)
@@ -89,8 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(2)
     path = resolve_base(ModelConfig(base=args.base), StorageConfig())
     tok, model = load_tokenizer(path), load_16bit(path, "float32", "cpu")
-    system = f"{SYSTEM_PROMPT}\n\n{HERMES_PROMPT.format(tools=json.dumps({'type': 'function', 'function': TOOL}))}"
-    convs = [[{"role": "system", "content": system}, {"role": "user", "content": o["order"]}]
+    convs = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": o["order"]}]
              for o in make_orders(args.n)]
     grammars = Grammars(tok, int(model.config.vocab_size))
     named = grammars.compile(json.dumps(call_schema([TOOL], "named", TOOL["name"])))

@@ -175,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="plan for a Llama-shape model of this many parameters (e.g. 7e9), no weights needed")
     d = sub.add_parser("demo", help="the embedded default: local S3 + local Ray + SmolLM2 + sample data")
     d.add_argument("config", nargs="?", default="jobs/configs/demo.yaml")
+    d.add_argument("--sample", choices=["orders", "tools"], default="orders",
+                   help="the dataset uploaded: medication orders to JSON (default), or the same orders placed "
+                        "through a tool (use with jobs/configs/tools.yaml)")
     sub.add_parser("config-schema", help="print the config's JSON schema (for editors and CI); keys: docs/CONFIG.md")
     return p
 
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             from ray_qlora.demo import demo
 
-            demo(args.config)
+            demo(args.config, sample=args.sample)
             return 0
         if args.verb == "config-schema":
             import json

@@ -93,7 +93,7 @@ def test_tool_calls_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
     sides = out["sides"]
     assert sides["prompted"]["valid_calls"] == 0.0  # the random model writes no <tool_call> on its own
     assert sides["named"]["first"].startswith('{"drug": "')  # the arguments, held to the tool's parameters
-    assert sides["required"]["first"].startswith('[{"name": "place_order", "parameters": {"')
+    assert sides["required"]["first"].startswith('[{"name": "place_order", "parameters":')
     assert out["ratio"] > 0 and "ratio named / prompted tokens/s" in capsys.readouterr().out
 
 

@@ -6,6 +6,13 @@ gap visible on a laptop. Orders are generated from templates with a seeded
 RNG, so the data is the same on every machine. The files mix formats on
 purpose (Alpaca JSONL and chat-messages Parquet) and carry a few malformed
 rows, so the demo shows quarantine at work.
+
+The tool-use sample (``tool_sample_files``) is the same orders placed through
+a ``place_order`` function instead: the assistant calls it with the order's
+fields, reads the pharmacy's reply and confirms, and answers questions that
+need no order in plain text, so a tuned model learns both when to call and
+with what. Half of it is OpenAI messages, half LLaMA-Factory's ShareGPT
+(``function_call`` and ``observation`` turns).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import json
 import random
 from typing import Any
 
-__all__ = ["SYSTEM_PROMPT", "make_orders", "sample_files"]
+__all__ = ["PLACE_ORDER", "SYSTEM_PROMPT", "TOOL_SYSTEM_PROMPT", "make_orders", "sample_files", "tool_sample_files"]
 
 SYSTEM_PROMPT = "Convert the medication order to JSON with keys drug, dose_mg, route, frequency."
 
@@ -109,3 +116,76 @@ def sample_files(n: int = 320, seed: int = 0) -> dict[str, bytes]:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
     return {"orders-alpaca.jsonl": jsonl, "orders-chat.parquet": buf.getvalue()}
+
+
+TOOL_SYSTEM_PROMPT = "You are a pharmacy assistant. Place the medication orders you are given."
+PLACE_ORDER: dict[str, Any] = {"type": "function", "function": {
+    "name": "place_order",
+    "description": "Send a medication order to the pharmacy.",
+    "parameters": {"type": "object", "additionalProperties": False,
+                   "required": ["drug", "dose_mg", "route", "frequency"],
+                   "properties": {"drug": {"type": "string"}, "dose_mg": {"type": "number"},
+                                  "route": {"enum": sorted(_ROUTE_WORDS)},
+                                  "frequency": {"enum": sorted(_FREQ_WORDS)}}}}}
+
+
+def _question(rng: random.Random) -> tuple[str, str]:
+    """A question no order answers: which code a route or frequency phrase stands for."""
+    codes = _ROUTE_WORDS if rng.random() < 0.5 else _FREQ_WORDS
+    code = rng.choice(sorted(codes))
+    return f"Which code stands for '{rng.choice(codes[code])}'?", code
+
+
+def _tool_conversation(order: dict[str, Any], number: int, full: bool) -> list[dict[str, Any]]:
+    """An order placed: the call, and (``full``) the pharmacy's reply and the confirmation."""
+    args = json.loads(order["json"])
+    msgs: list[dict[str, Any]] = [
+        {"role": "user", "content": order["order"]},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": f"call_{number}", "type": "function",
+             "function": {"name": "place_order", "arguments": json.dumps(args)}}]}]
+    if full:
+        rx = f"RX-{1000 + number}"
+        msgs += [{"role": "tool", "tool_call_id": f"call_{number}",
+                  "content": json.dumps({"order_id": rx, "status": "placed"})},
+                 {"role": "assistant", "content": f"Placed {rx}: {args['drug']} {_fmt_dose(args['dose_mg'])} mg "
+                                                  f"{args['route']} {args['frequency']}."}]
+    return msgs
+
+
+def _as_sharegpt(msgs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    turns = []
+    for m in msgs:
+        if m.get("tool_calls"):
+            fn = m["tool_calls"][0]["function"]
+            turns.append({"from": "function_call",
+                          "value": json.dumps({"name": fn["name"], "arguments": json.loads(fn["arguments"])})})
+        else:
+            turns.append({"from": {"user": "human", "assistant": "gpt", "tool": "observation"}[m["role"]],
+                          "value": m["content"]})
+    return turns
+
+
+def tool_sample_files(n: int = 320, seed: int = 0) -> dict[str, bytes]:
+    """File name -> bytes: orders placed through ``place_order`` (every other one ending on the call, the
+    answer evaluated), one row in five a question answered without a call, plus two malformed rows."""
+    rng = random.Random(seed + 1)
+    orders = make_orders(n, seed)
+    rows: list[list[dict[str, Any]]] = []
+    for i, order in enumerate(orders):
+        if i % 5 == 4:
+            question, code = _question(rng)
+            rows.append([{"role": "user", "content": question}, {"role": "assistant", "content": code}])
+        else:
+            rows.append(_tool_conversation(order, i, full=i % 2 == 0))
+    half = len(rows) // 2
+    chat = [{"tools": [PLACE_ORDER], "messages": m} for m in rows[:half]]
+    bad = _tool_conversation(orders[0], 0, full=False)
+    bad[1]["tool_calls"][0]["function"]["name"] = "cancel_order"
+    chat.append({"tools": [PLACE_ORDER], "messages": bad})  # calls a function it was not given
+    share = [{"tools": json.dumps([PLACE_ORDER["function"]]), "conversations": _as_sharegpt(m)} for m in rows[half:]]
+    broken = _as_sharegpt(_tool_conversation(orders[1], 1, full=False))
+    broken[1]["value"] = broken[1]["value"][:-5]  # arguments cut off
+    share.append({"tools": json.dumps([PLACE_ORDER["function"]]), "conversations": broken})
+    return {"orders-tools-chat.jsonl": "".join(json.dumps(r) + "\n" for r in chat).encode(),
+            "orders-tools-sharegpt.jsonl": "".join(json.dumps(r) + "\n" for r in share).encode()}
