@@ -104,7 +104,8 @@ class DataConfig(_Strict):
                            "otherwise they are quarantined.")
     chat_template: str | None = Field(
         None, description="'chatml', 'llama-3', or a Jinja template; replaces the tokenizer's own, and is "
-                          "required when the tokenizer has none.")
+                          "required when the tokenizer has none. A template that writes no tools, tool calls "
+                          "or results gets ray-qlora's Hermes tool front (see README, tool use).")
     system_prompt: str | None = Field(
         None, description="System message added to rows that have none.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of rows held out for eval.")

@@ -52,8 +52,8 @@ def ask(base_url: str, model: str, system: str | None, question: str,
 
 def _keep_locally(run_root: str, out: Path, cfg_storage: Any) -> None:
     for rel in ("run.json", "data/manifest.json", "tune/leaderboard.json", "tune/leaderboard.csv", "tune/eval_loss.png",
-                "eval/report.json", "eval/summary.md", "eval/base_vs_tuned.png", "merged/README.md",
-                "merged/Modelfile"):
+                "eval/report.json", "eval/summary.md", "eval/predictions.json", "eval/base_vs_tuned.png",
+                "merged/README.md", "merged/Modelfile"):
         uri = storage.join(run_root, rel)
         if storage.exists(uri, cfg_storage):
             dest = out / rel

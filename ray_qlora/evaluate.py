@@ -29,7 +29,7 @@ from ray_qlora import storage
 from ray_qlora.config import ConfigError, PipelineConfig
 
 __all__ = ["calls_text", "evaluate", "format_table", "load_scorer", "normalize", "prediction", "reference",
-           "task_metrics"]
+           "task_metrics", "tool_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,37 @@ def reference(message: dict[str, Any]) -> str:
     return message["content"]
 
 
-def prediction(text: str, tok: Any = None) -> str:
-    """A generated answer as it is scored: its tool calls when it made any, read as the server reads them
-    (``tok``'s response_template, else Hermes tags), else its text."""
+def prediction(text: str, tok: Any = None) -> tuple[str, bool]:
+    """A generated answer as it is scored, and whether it made tool calls: its calls, read as the server
+    reads them (``tok``'s response_template, else Hermes tags), else its text."""
     from ray_qlora.serve.tools import read_calls
 
     calls = read_calls({"text": text, "finish_reason": "stop"}, "auto", tok=tok)["tool_calls"]
-    return calls_text([c["function"] for c in calls]) if calls else text
+    return (calls_text([c["function"] for c in calls]), True) if calls else (text, False)
+
+
+def tool_metrics(predictions: list[str], references: list[str], ref_calls: list[bool],
+                 pred_calls: list[bool]) -> dict[str, float]:
+    """Tool use, when some held-out answers are calls (else {}), as shares:
+
+    - ``call_exact``: of the answers that are calls, those called with the same functions and arguments;
+    - ``call_name_match``: of those, the ones calling the same functions, whatever the arguments;
+    - ``text_not_called``: of the answers that are text, those the model answered without calling.
+    """
+    calls = [i for i, called in enumerate(ref_calls) if called]
+    if not calls:
+        return {}
+
+    def names(text: str) -> list[str]:
+        return [c["name"] for c in json.loads(text)]
+
+    out = {"call_exact": sum(predictions[i] == references[i] for i in calls) / len(calls),
+           "call_name_match": sum(pred_calls[i] and names(predictions[i]) == names(references[i])
+                                  for i in calls) / len(calls)}
+    texts = [i for i, called in enumerate(ref_calls) if not called]
+    if texts:
+        out["text_not_called"] = sum(not pred_calls[i] for i in texts) / len(texts)
+    return out
 
 
 def load_scorer(spec: str) -> Callable[[str, str], float]:
@@ -197,7 +221,9 @@ class _Generator:
         outs = generate(self.model, self.tok, convs, self.cfg.eval.max_new_tokens, len(convs), grammar=self.grammar,
                         tools=tools)
         losses = [self._loss(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
-        return {"content_hash": batch["content_hash"], "prediction": [prediction(o["text"], self.tok) for o in outs],
+        scored = [prediction(o["text"], self.tok) for o in outs]
+        return {"content_hash": batch["content_hash"], "prediction": [text for text, _ in scored],
+                "called": [called for _, called in scored],
                 "actor": [self.actor_id] * len(outs),
                 "completion_tokens": [o["completion_tokens"] for o in outs],
                 "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
@@ -270,11 +296,14 @@ def _score(name: str, cfg: PipelineConfig, table: Any, model_ref: str, adapter_u
            scorer: Callable[[str, str], float] | None = None) -> dict[str, Any]:
     out = generate_on_cluster(cfg, table, model_ref, adapter_uri)
     hashes = table.column("content_hash").to_pylist()
-    refs = [reference(json.loads(m)[-1]) for m in table.column("messages").to_pylist()]
+    answers = [json.loads(m)[-1] for m in table.column("messages").to_pylist()]
+    refs = [reference(a) for a in answers]
     preds = [out[h]["prediction"] for h in hashes]
     loss = sum(out[h]["loss_sum"] for h in hashes) / max(1, sum(out[h]["loss_tokens"] for h in hashes))
     metrics = {"eval_loss": loss, **task_metrics(preds, refs, cfg.eval.task, cfg.eval.metrics, cfg.eval.regex,
-                                                 scorer, cfg.eval.json_schema)}
+                                                 scorer, cfg.eval.json_schema),
+               **tool_metrics(preds, refs, [bool(a.get("tool_calls")) for a in answers],
+                              [bool(out[h]["called"]) for h in hashes])}
     log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in metrics.items()})
     return {"metrics": metrics, "predictions": preds, "actors": len({r["actor"] for r in out.values()})}
 

@@ -116,8 +116,22 @@ def test_tool_calls_are_scored_on_name_and_arguments_not_spelling() -> None:
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}]})
     assert reference({"role": "assistant", "content": "4 C."}) == "4 C."
 
-    same = prediction('<tool_call>\n{"arguments": {"days": 2,"city": "Oslo"}, "name": "get_weather"}\n</tool_call>')
-    other = prediction('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": 2}}\n</tool_call>')
-    text = prediction("I cannot check the weather.")
-    assert text == "I cannot check the weather."
+    same, _ = prediction('<tool_call>\n{"arguments": {"days": 2,"city": "Oslo"}, "name": "get_weather"}\n</tool_call>')
+    other, _ = prediction('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": 2}}\n</tool_call>')
+    text, called = prediction("I cannot check the weather.")
+    assert (text, called) == ("I cannot check the weather.", False) and prediction(same)[1] is False
     assert task_metrics([same, other, text], [ref] * 3)["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_tool_metrics_split_calls_from_text_answers() -> None:
+    from ray_qlora.evaluate import calls_text, tool_metrics
+
+    def call(name: str, **args: object) -> str:
+        return calls_text([{"name": name, "arguments": args}])
+
+    refs = [call("place_order", drug="a"), call("place_order", drug="b"), call("cancel", id=1), "QD", "PO"]
+    preds = [call("place_order", drug="a"), call("place_order", drug="x"), "no call", call("place_order"), "PO"]
+    m = tool_metrics(preds, refs, [True, True, True, False, False], [True, True, False, True, False])
+    assert m == {"call_exact": pytest.approx(1 / 3), "call_name_match": pytest.approx(2 / 3),
+                 "text_not_called": 0.5}
+    assert tool_metrics(["a"], ["a"], [False], [False]) == {}  # no calls held out: no tool metrics

@@ -319,13 +319,14 @@ def test_forced_tool_calls_come_back_as_openai_tool_calls(finished_run, tokenize
     text = client.chat.completions.create(model="tiny", messages=follow_up, tools=[ORDER_TOOL], tool_choice="none",
                                           max_tokens=4, temperature=0)
     assert text.choices[0].message.tool_calls is None and isinstance(text.choices[0].message.content, str)
-    # 'auto' (the default with tools): calls are read as Hermes <tool_call> tags, which this tiny model
-    # never writes, so it answers in text, as it does without tools (its template does not show them)
+    # 'auto' (the default with tools): the merged model's template (SmolLM2's, with the tool front training
+    # gave it) lists the tool in the prompt, and the answer is text or calls read from Hermes tags
     auto = client.chat.completions.create(model="tiny", messages=msgs, tools=[ORDER_TOOL], max_tokens=8,
                                           temperature=0)
     free = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
-    assert auto.choices[0].message.tool_calls is None
-    assert auto.choices[0].message.content == free.choices[0].message.content
+    shown = len(AutoTokenizer.from_pretrained(str(tokenizer_dir))(json.dumps(ORDER_TOOL))["input_ids"])
+    assert auto.usage.prompt_tokens > free.usage.prompt_tokens + shown
+    assert (auto.choices[0].message.tool_calls is None) == (auto.choices[0].finish_reason != "tool_calls")
     # streamed as it comes, not held for the end: "mg mg mg mg" (logit_bias) arrives token by token
     (mg,) = AutoTokenizer.from_pretrained(str(tokenizer_dir))(" mg", add_special_tokens=False)["input_ids"]
     chunks = list(client.chat.completions.create(model="tiny", messages=msgs, tools=[ORDER_TOOL], max_tokens=4,
@@ -442,3 +443,46 @@ def test_stage_verbs_read_earlier_results(finished_run) -> None:  # noqa: ANN001
     cfg, _ = finished_run
     with pytest.raises(RuntimeError, match="stage 'tune' has not succeeded"):
         run_stage(Run(cfg, "never-tuned"), "merge")
+
+
+def test_a_tool_use_run_evaluates_with_the_rows_tools_and_scores_calls(local_s3, ray_local, tiny_model_dir: Path,
+                                                                       finished_run) -> None:  # noqa: ANN001
+    """The tool sample through prepare -> tune -> merge -> evaluate: tools reach the eval prompts, calls are
+    scored as name + arguments. (After the served run's tests: one cluster, one run at a time.)"""
+    import pyarrow.dataset as pads
+
+    from ray_qlora.data.sample import PLACE_ORDER, TOOL_SYSTEM_PROMPT, tool_sample_files
+    from ray_qlora.evaluate import reference
+    from ray_qlora.pipeline import run_pipeline
+
+    local_s3.create_bucket("it-tools")
+    cfg = parse_config({
+        "run": {"output_uri": "s3://it-tools/out", "run_id": "tools", "seed": 1},
+        "data": {"input_uris": ["s3://it-tools/raw/"], "system_prompt": TOOL_SYSTEM_PROMPT,
+                 "max_seq_length": 512, "eval_fraction": 0.25},
+        "model": {"base": str(tiny_model_dir)},
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"max_steps": 2, "eval_steps": 2, "batch_size": 2, "logging_steps": 1},
+        "tune": {"search_space": {"learning_rate": {"values": [1e-3]}}, "max_concurrent_trials": 1,
+                 "asha": {"enabled": False}},
+        "merge": {"dtype": "float32", "verify_prompts": 2, "verify_max_new_tokens": 4},
+        "eval": {"max_examples": 6, "max_new_tokens": 4, "batch_size": 3},
+    })
+    for name, data in tool_sample_files(n=40).items():
+        storage.write_bytes(f"s3://it-tools/raw/{name}", data, cfg.storage)
+    run = run_pipeline(cfg, stages=("prepare", "tune", "merge", "evaluate"))
+    manifest = storage.read_json(run.paths.manifest, cfg.storage)
+    assert manifest["counts"]["quarantine"] == 2 and manifest["checks"]["tool_use"] == "hermes tags (tool front)"
+    # every held-out row keeps its tools, and a row ending on a call is scored against the call itself
+    fs, path = storage.resolve(run.paths.eval, cfg.storage)
+    rows = sorted(pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["messages", "tools", "content_hash"]).to_pylist(), key=lambda r: r["content_hash"])
+    assert rows and all(json.loads(r["tools"]) == [PLACE_ORDER] for r in rows)
+    last = [json.loads(r["messages"])[-1] for r in rows]
+    report = run.output("evaluate")
+    assert report["examples"] == min(6, len(rows))
+    assert {"call_exact", "call_name_match"} <= set(report["tuned"])  # some held-out answers are calls
+    assert [s["reference"] for s in report["samples"]] == [reference(m) for m in last][:len(report["samples"])]
+    calls = [json.loads(reference(m)) for m in last if m.get("tool_calls")]
+    assert calls and all(c[0]["name"] == "place_order" and set(c[0]["arguments"]) == {"drug", "dose_mg", "route",
+                                                                                          "frequency"} for c in calls)

@@ -145,8 +145,8 @@ def _message(m: Any, where: str) -> Message:
     if role == "tool" and isinstance(content, dict):  # a result kept as an object: the model reads it as JSON
         content = json.dumps(content, ensure_ascii=False)
     out: Message = {"role": role, "content": _content_text(content, f"{where}.content")}
-    if role == "tool":
-        out.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+    if role == "tool" and isinstance(m.get("tool_call_id"), str):  # what the server hands the template too
+        out["tool_call_id"] = m["tool_call_id"]
     return out
 
 
