@@ -191,3 +191,19 @@ def test_the_tool_sample_trains_calls_and_text_answers_with_two_rows_quarantined
     assert sum("tool_calls" in m for m in last) == 16 and sum(m["content"].startswith("Placed RX-") for m in last) == 16
     out = tokenize_conversations(tok, [e.messages for e in examples], 512, tools=[e.tools for e in examples])
     assert all(not isinstance(o, RowError) and o["check_failures"] == [] for o in out)
+
+
+def test_a_conversation_the_template_refuses_is_quarantined_not_a_crash(tokenizer_dir: Path) -> None:
+    # a template with a rule of its own, as Mistral's refuses call ids that are not 9 characters
+    strict = ("{{ tools | tojson if tools }}{% for m in messages %}{% if m.tool_calls and m.tool_calls[0].id | length != 9 %}"
+              "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}"
+              "<|im_start|>{{ m.role }}\n{{ m.content }}{{ m.tool_calls | tojson if m.tool_calls }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    strict_tok = load_tokenizer(tokenizer_dir, strict)
+    assert strict_tok.chat_template == strict  # it writes tool use itself: no tool front
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {}}}]}
+    good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    out = tokenize_conversations(strict_tok, [[TOOL_CHAT[0], call], good], max_len=128)
+    assert isinstance(out[0], RowError) and "refuses this conversation: Tool call IDs" in str(out[0])
+    assert _labelled_text(strict_tok, out[1]) == ["Hello!<|im_end|>"]  # the rows beside it are unaffected

@@ -121,14 +121,15 @@ TOOL_USE_TEMPLATE = (
     "{%- set tools = none %}"
 )
 
-# A conversation with a tool, a call and its result: a template that writes all of these writes tool use
+# A conversation with a tool, a call and its result: a template that writes all of these writes tool use.
+# The call id is 9 alphanumerics: Mistral's templates refuse any other shape.
 _PROBE_TOOLS = [{"type": "function", "function": {"name": "rq_probe_tool", "description": "probe",
                                                   "parameters": {"type": "object", "properties": {}}}}]
 _PROBE = [{"role": "user", "content": "hi"},
           {"role": "assistant", "content": "", "tool_calls": [
-              {"id": "call_rqprobe", "type": "function",
+              {"id": "rqprobe01", "type": "function",
                "function": {"name": "rq_probe_call", "arguments": {"rq_probe_arg": 1}}}]},
-          {"role": "tool", "tool_call_id": "call_rqprobe", "content": "rq_probe_result"}]
+          {"role": "tool", "tool_call_id": "rqprobe01", "content": "rq_probe_result"}]
 
 
 def writes_tool_use(tok: "PreTrainedTokenizerBase", template: str | None = None) -> bool:
@@ -298,18 +299,27 @@ def tokenize_conversations(
     the template's fault, not the row's, so they stop the stage instead of
     quarantining the row. ``tools``: each conversation's function tools (None: none).
     """
+    from jinja2.exceptions import TemplateError
+
     eot = end_of_turn_id(tok) if eot is None else eot
-    split: list[tuple[_Pieces, list[str]]] = []
+    split: list[tuple[_Pieces, list[str]] | RowError] = []
     for msgs, row_tools in zip(convs, tools or [None] * len(convs)):
         if msgs[0]["role"] == TEXT_ROLE:  # continued pre-training: every token, plus eos to end the document
             split.append(([(msgs[0]["content"], True)], []))
-        else:
+            continue
+        try:
             split.append(_chat_pieces(tok, msgs, row_tools))
-    texts = [text for pieces, _ in split for text, _ in pieces]
+        except TemplateError as err:  # a template's own rule (raise_exception): Mistral's 9-character call ids...
+            split.append(RowError(f"the chat template refuses this conversation: {err}"))
+    texts = [text for s in split if not isinstance(s, RowError) for text, _ in s[0]]
     encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
     out: list[dict[str, Any] | RowError] = []
     at = 0
-    for msgs, (pieces, failures) in zip(convs, split):
+    for msgs, row in zip(convs, split):
+        if isinstance(row, RowError):
+            out.append(row)
+            continue
+        pieces, failures = row
         piece_ids = encoded[at:at + len(pieces)]
         at += len(pieces)
         if msgs[0]["role"] == TEXT_ROLE:
