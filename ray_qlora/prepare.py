@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 BUCKETS = ("train", "eval", "quarantine", "duplicate")
 # Bump when the stage's output changes for the same inputs, so caches are not reused across it.
-PREPARE_VERSION = 3  # 3: pieces of a render tokenized on their own
+PREPARE_VERSION = 4  # 3: pieces of a render tokenized on their own; 4: tool use (tools column, tool front)
 
 
 def content_hash(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
