@@ -207,3 +207,19 @@ def test_a_conversation_the_template_refuses_is_quarantined_not_a_crash(tokenize
     out = tokenize_conversations(strict_tok, [[TOOL_CHAT[0], call], good], max_len=128)
     assert isinstance(out[0], RowError) and "refuses this conversation: Tool call IDs" in str(out[0])
     assert _labelled_text(strict_tok, out[1]) == ["Hello!<|im_end|>"]  # the rows beside it are unaffected
+
+
+def test_named_templates_each_get_the_tool_front_only_where_they_need_it(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from ray_qlora.data.templating import TOOL_USE_TEMPLATE, uses_tool_front
+
+    raw = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    own = ("{{ tools | tojson if tools }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+           "{{ m.tool_calls | tojson if m.tool_calls }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    raw.chat_template = {"default": raw.chat_template, "tool_use": own}  # as some tokenizers ship them
+    raw.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template == {"default": TOOL_USE_TEMPLATE + raw.chat_template["default"], "tool_use": own}
+    assert uses_tool_front(tok) and not uses_tool_front(load_tokenizer(tmp_path, own))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ray_qlora.config import PipelineConfig
 from ray_qlora.data.templating import (CHECK_EOT_LABELLED, CHECK_LABELS_NONEMPTY, CHECK_PROMPT_PREFIX,
-                                       IGNORE_INDEX, TOOL_USE_TEMPLATE, end_of_turn_id)
+                                       IGNORE_INDEX, end_of_turn_id, uses_tool_front)
 from ray_qlora.errors import DataError
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def tokenizer_checks(base: Path, cfg: PipelineConfig) -> tuple["PreTrainedTokeni
         "chat_template": {"passed": True, "source": cfg.data.chat_template and "data.chat_template" or "tokenizer"},
         "end_of_turn_token": tok.convert_ids_to_tokens(eot),
         # how tool calls and results are written (see data/templating.py)
-        "tool_use": "hermes tags (tool front)" if tok.chat_template.startswith(TOOL_USE_TEMPLATE) else "chat template",
+        "tool_use": "hermes tags (tool front)" if uses_tool_front(tok) else "chat template",
     }
     same = tok.pad_token_id == eot
     pool = ThreadPoolExecutor(max_workers=1)

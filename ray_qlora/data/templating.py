@@ -48,6 +48,7 @@ __all__ = [
     "set_chat_template",
     "tokenize_conversation",
     "tokenize_conversations",
+    "uses_tool_front",
     "writes_tool_use",
 ]
 
@@ -151,8 +152,20 @@ def set_chat_template(tok: "PreTrainedTokenizerBase", template: str | None) -> N
     no template, or a named template's special tokens are not in its vocabulary.
     """
     _set_template(tok, template)
-    if isinstance(tok.chat_template, str) and not writes_tool_use(tok):
-        tok.chat_template = TOOL_USE_TEMPLATE + tok.chat_template
+    if isinstance(tok.chat_template, dict):  # named templates ('default', 'tool_use', ...): each one checked
+        tok.chat_template = {name: _with_tool_front(tok, text) for name, text in tok.chat_template.items()}
+    elif isinstance(tok.chat_template, str):
+        tok.chat_template = _with_tool_front(tok, tok.chat_template)
+
+
+def _with_tool_front(tok: "PreTrainedTokenizerBase", template: str) -> str:
+    return template if writes_tool_use(tok, template) else TOOL_USE_TEMPLATE + template
+
+
+def uses_tool_front(tok: "PreTrainedTokenizerBase") -> bool:
+    """Whether the tokenizer's template (any of its named templates) writes tool use through the tool front."""
+    templates = tok.chat_template.values() if isinstance(tok.chat_template, dict) else [tok.chat_template]
+    return any(isinstance(t, str) and t.startswith(TOOL_USE_TEMPLATE) for t in templates)
 
 
 def _set_template(tok: "PreTrainedTokenizerBase", template: str | None) -> None:
