@@ -31,7 +31,7 @@ __all__ = ["FORMATS", "ROLES", "TEXT_ROLE", "Example", "RowError", "detect_forma
 
 ROLES = ("system", "user", "assistant", "tool")
 TEXT_ROLE = "text"  # a plain-text example: one message, trained on every token
-TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names, which the server enforces
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names (serve/api.py enforces it too)
 
 # ShareGPT's speaker names as they appear in public datasets -> chat roles.
 _SHAREGPT_ROLES = {

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_qlora.data.formats import TOOL_NAME as TOOL_NAME_RE
 from ray_qlora.serve.tools import ToolMode, call_schema
 
 __all__ = [
@@ -78,7 +79,7 @@ class TextPart(BaseModel):
         return v
 
 
-TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+TOOL_NAME = TOOL_NAME_RE.pattern  # OpenAI's rule for function names: the one training data is held to
 
 
 class FunctionName(BaseModel):
