@@ -548,6 +548,14 @@ class ServeConfig(_Strict):
     max_adapters: int = Field(
         4, ge=0, description="Registry adapters a replica keeps loaded on its shared base (LRU); requests name "
                              "them as 'model': '<name>' or '<name>@v<N>'. 0: the merged model only.")
+    strict_tools: bool = Field(
+        False, description="Hold every tool call the model chooses to make (tool_choice 'auto') to the called "
+                           "function's parameters, as OpenAI's per-function 'strict: true' does for one request: "
+                           "once the model opens <tool_call>, only an offered name and arguments that follow its "
+                           "schema can be generated. A function sent with 'strict: false' is left free. Calls "
+                           "must be written as Hermes tags (the tool front's, and the vLLM engine's hermes "
+                           "parser); forced calls are always held. Evaluation holds held-out tool rows' calls the same "
+                           "way, so its call figures are the endpoint's.")
     engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="What generates: 'vllm' (Ray Serve LLM with vLLM: continuous batching, paged KV "
                             "cache, LoRA), 'transformers' (generate() in the replica; the fallback where vLLM "

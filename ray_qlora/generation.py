@@ -230,7 +230,7 @@ def _sampling(tok: "PreTrainedTokenizerBase", max_new_tokens: int, temperature: 
     processors: list[Any] = [recorder] if recorder is not None else []
     if bias is not None:
         processors += bias.processors(prompt_len)
-    if grammar is not None:  # an xgrammar CompiledGrammar (response_format, eval.constrained)
+    if grammar is not None:  # xgrammar CompiledGrammar(s) (response_format, strict calls, eval.constrained)
         from xgrammar.contrib.hf import LogitsProcessor  # single-use: one per generate call
 
         processors.append(LogitsProcessor(grammar))
@@ -266,7 +266,8 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
                   logprobs: int | None = None, bias: TokenBias | None = None) -> list[dict[str, Any]]:
     """Batched completion of raw prompt texts (what ``generate`` does after the chat template).
 
-    ``grammar``: a compiled xgrammar grammar every row's answer must follow (see ray_qlora.structured).
+    ``grammar``: a compiled xgrammar grammar every row's answer must follow (see ray_qlora.structured), or a
+    list of them, one per prompt.
     ``logprobs``: None, or how many alternatives to give per token (0 or more); each result
     then also has "logprobs", one entry per token of its text.
     ``bias``: logit_bias and the presence and frequency penalties.
@@ -282,8 +283,9 @@ def generate_text(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", prom
         prompt_len = enc["input_ids"].shape[1]
         recorder = _Logprobs(logprobs) if logprobs is not None else None
         with torch.inference_mode():
+            rows = grammar[i:i + batch_size] if isinstance(grammar, list) else grammar
             out = model.generate(**enc, **_sampling(tok, max_new_tokens, temperature, top_p, seed, stop, prompt_len,
-                                                    grammar=grammar, recorder=recorder, bias=bias))
+                                                    grammar=rows, recorder=recorder, bias=bias))
         if recorder is not None:
             recorder.finish(out)
         for r, (row, mask) in enumerate(zip(out, enc["attention_mask"])):

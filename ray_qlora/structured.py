@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Grammars", "SchemaError", "check_followable"]
+__all__ = ["GrammarKind", "Grammars", "SchemaError", "check_followable"]
+
+GrammarKind = Literal["json_schema", "structural_tag"]
 
 # xgrammar's errors start with a C++ log prefix: "[07:34:42] /project/cpp/json_schema_converter.cc:5082: ..."
 _LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
@@ -62,14 +64,18 @@ class Grammars:
         self._compiler: Any = None
         self.compile = lru_cache(maxsize=cache_size)(self._compile)  # type: ignore[method-assign]
 
-    def _compile(self, schema_text: str) -> Any:
-        """The compiled grammar for a JSON schema's text; a SchemaError if it cannot be followed."""
+    def _compile(self, schema_text: str, kind: GrammarKind = "json_schema") -> Any:
+        """The compiled grammar for a JSON schema's text (or, kind 'structural_tag', an xgrammar structural
+        tag's: free text with tagged parts under schemas, as strict tool calls); a SchemaError if it
+        cannot be followed."""
         if self._compiler is None:
             xgr = _xgrammar()
             # the model's vocabulary can be larger than the tokenizer's (padded embeddings): logits are that wide
             self._compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(self.tok,
                                                                                     vocab_size=self.vocab_size))
         try:
+            if kind == "structural_tag":
+                return self._compiler.compile_structural_tag(schema_text)
             return self._compiler.compile_json_schema(schema_text, any_whitespace=False)
         except (RuntimeError, ValueError) as err:
             raise SchemaError(f"the JSON schema cannot be followed: {_reason(err)}") from None

@@ -327,6 +327,13 @@ def test_forced_tool_calls_come_back_as_openai_tool_calls(finished_run, tokenize
     shown = len(AutoTokenizer.from_pretrained(str(tokenizer_dir))(json.dumps(ORDER_TOOL))["input_ids"])
     assert auto.usage.prompt_tokens > free.usage.prompt_tokens + shown
     assert (auto.choices[0].message.tool_calls is None) == (auto.choices[0].finish_reason != "tool_calls")
+    # strict (OpenAI's 'strict: true'): a call the model opens is held to the tool's schema (the grammar is
+    # tested on a model that calls, in test_serve_tools.py); this random one answers the same text as free
+    strict = {"type": "function", "function": {**ORDER_TOOL["function"], "strict": True}}
+    for model in ("tiny", "med-orders"):
+        held, free = (client.chat.completions.create(model=model, messages=msgs, tools=[tool], max_tokens=8,
+                                                     temperature=0).choices[0].message for tool in (strict, ORDER_TOOL))
+        assert held.tool_calls is None and held.content == free.content
     # streamed as it comes, not held for the end: "mg mg mg mg" (logit_bias) arrives token by token
     (mg,) = AutoTokenizer.from_pretrained(str(tokenizer_dir))(" mg", add_special_tokens=False)["input_ids"]
     chunks = list(client.chat.completions.create(model="tiny", messages=msgs, tools=[ORDER_TOOL], max_tokens=4,
@@ -467,6 +474,7 @@ def test_a_tool_use_run_evaluates_with_the_rows_tools_and_scores_calls(local_s3,
                  "asha": {"enabled": False}},
         "merge": {"dtype": "float32", "verify_prompts": 2, "verify_max_new_tokens": 4},
         "eval": {"max_examples": 6, "max_new_tokens": 4, "batch_size": 3},
+        "serve": {"strict_tools": True},  # evaluated as served: each row's calls held to its tools
     })
     for name, data in tool_sample_files(n=40).items():
         storage.write_bytes(f"s3://it-tools/raw/{name}", data, cfg.storage)
@@ -480,7 +488,7 @@ def test_a_tool_use_run_evaluates_with_the_rows_tools_and_scores_calls(local_s3,
     assert rows and all(json.loads(r["tools"]) == [PLACE_ORDER] for r in rows)
     last = [json.loads(r["messages"])[-1] for r in rows]
     report = run.output("evaluate")
-    assert report["examples"] == min(6, len(rows))
+    assert report["examples"] == min(6, len(rows)) and report["generated_under"] == "strict tool calls"
     assert {"call_exact", "call_name_match"} <= set(report["tuned"])  # some held-out answers are calls
     assert [s["reference"] for s in report["samples"]] == [reference(m) for m in last][:len(report["samples"])]
     calls = [json.loads(reference(m)) for m in last if m.get("tool_calls")]

@@ -145,6 +145,32 @@ def test_tools_vllm_would_refuse_get_the_same_400_as_on_transformers(tools: Any,
     assert rewrite_request(_state(), fine, "/v1/chat/completions")[0]["tool_choice"] == "required"
 
 
+def test_strict_auto_calls_reach_vllm_as_the_transformers_engines_structural_tag() -> None:
+    from ray_qlora.serve.api import ChatCompletionRequest
+    from ray_qlora.serve.vllm_engine import rewrite_request
+
+    fn = {"name": "f", "parameters": {"type": "object", "properties": {"u": {"enum": ["a", "b"]}}}}
+    msgs = [{"role": "user", "content": "x"}]
+
+    def sent(serve: dict[str, Any], **body: Any) -> dict[str, Any]:
+        return rewrite_request(_state(**serve), {"model": "m", "messages": msgs, **body}, "/v1/chat/completions")[0]
+
+    strict = [{"type": "function", "function": {**fn, "strict": True}}]
+    tag = ChatCompletionRequest.model_validate({"model": "m", "messages": msgs, "tools": strict}).grammar_spec()
+    body = sent({}, tools=strict)
+    assert tag is not None and body["structured_outputs"] == {"structural_tag": tag[1]}
+    assert body["tools"] == [{"type": "function", "function": fn}]  # the template is shown no 'strict'
+    loose = [{"type": "function", "function": fn}]
+    assert "structured_outputs" not in sent({}, tools=loose)  # nobody asked
+    # the server asks for every request
+    assert sent({"strict_tools": True}, tools=loose)["structured_outputs"]["structural_tag"] == tag[1]
+    for serve, body in [({"engine_kwargs": {"tool_call_parser": "mistral"}}, {}),  # calls not read as Hermes
+                        ({}, {"tool_choice": "required"}),  # a forced call: vLLM's own schema
+                        ({}, {"response_format": {"type": "json_object"}}),  # the answer is JSON, as asked
+                        ({}, {"structured_outputs": {"regex": "a+"}})]:  # the client's own, left as sent
+        assert sent(serve, tools=strict, **body).get("structured_outputs") == body.get("structured_outputs")
+
+
 @pytest.mark.parametrize("fmt, param, code", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}, "response_format",
      "invalid_json_schema"),

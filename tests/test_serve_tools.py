@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from ray_qlora.serve.api import APIError, ChatCompletionRequest
-from ray_qlora.serve.tools import call_schema, read_calls
+from ray_qlora.serve.tools import call_schema, read_calls, strict_tag
 
 WEATHER = {"name": "get_weather", "description": "Forecast for a city",
            "parameters": {"type": "object", "required": ["city", "days"], "properties": {
@@ -173,8 +174,6 @@ def _streamed(stream, pieces: list[str], finish: str = "stop"):  # noqa: ANN001,
 
 
 def test_auto_streams_text_until_a_call_may_start() -> None:
-    from functools import partial
-
     from ray_qlora.serve.tools import ToolStream
 
     read = partial(read_calls, mode="auto", functions=[WEATHER, NOW])
@@ -193,8 +192,6 @@ def test_auto_streams_text_until_a_call_may_start() -> None:
 
 
 def test_forced_calls_are_held_whole_until_the_end() -> None:
-    from functools import partial
-
     from ray_qlora.serve.tools import ToolStream
 
     read = partial(read_calls, mode="named", name="now")
@@ -205,3 +202,102 @@ def test_forced_calls_are_held_whole_until_the_end() -> None:
     read = partial(read_calls, mode="required")
     sent, out, rest, _ = _streamed(ToolStream(read, "required", None), ['[{"na', "me"], "length")
     assert sent == [] and rest == '[{"name' and out["tool_calls"] is None and out["finish_reason"] == "length"
+
+
+def test_strict_auto_is_asked_per_function_or_by_the_server() -> None:
+    strict = {**WEATHER, "strict": True}
+    loose = {**WEATHER, "strict": False}
+    assert _request(tools=TOOLS).grammar_spec() is None  # auto, nobody asked: free text
+    kind, text = _request(tools=[{"type": "function", "function": strict}]).grammar_spec() or ("", "")
+    tag = json.loads(text)
+    assert kind == "structural_tag" and tag["format"]["triggers"] == ["<tool_call>"]
+    # each offered function, with and without the newlines around the JSON, under its own parameters
+    assert {t["begin"] for t in tag["format"]["tags"]} == {'<tool_call>\n{"name": "get_weather", "arguments": ',
+                                                          '<tool_call>{"name": "get_weather", "arguments": '}
+    assert all(t["content"]["json_schema"] == WEATHER["parameters"] for t in tag["format"]["tags"])
+    assert not tag["format"]["stop_after_first"]
+    one = _request(tools=TOOLS, parallel_tool_calls=False).grammar_spec(True)
+    assert one is not None and json.loads(one[1])["format"]["stop_after_first"]
+    # serve.strict_tools makes auto strict, unless a function opts out; calls not read as Hermes stay free
+    assert _request(tools=TOOLS).grammar_spec(strict_default=True)[0] == "structural_tag"  # type: ignore[index]
+    assert _request(tools=[{"type": "function", "function": loose}]).grammar_spec(strict_default=True) is None
+    assert _request(tools=[{"type": "function", "function": strict}]).grammar_spec(hermes=False) is None
+    # a forced call keeps its schema, and a JSON response_format wins over a strict auto
+    named = _request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.grammar_spec(True) == ("json_schema", named.schema_text)
+    fmt = _request(tools=TOOLS, response_format={"type": "json_object"})
+    assert fmt.grammar_spec(True) == ("json_schema", '{"type": "object"}')
+    assert _request(tools=TOOLS, tool_choice="none").grammar_spec(True) is None
+
+
+UNIT = {"name": "set_unit", "strict": True, "parameters": {"type": "object", "required": ["unit"], "properties": {
+    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}
+
+
+@pytest.fixture(scope="module")
+def kelvin_caller(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """The tiny model trained on one answer: a set_unit call whose unit, 'kelvin', is not among the tool's."""
+    import torch
+
+    from conftest import save_tiny_llama
+    from ray_qlora.generation import render
+    from ray_qlora.modeling import load_16bit, load_tokenizer
+
+    folder = save_tiny_llama(tmp_path_factory.mktemp("kelvin"), tokenizer_dir)
+    tok, model = load_tokenizer(folder), load_16bit(folder, "float32", "cpu")
+    prompt = render(tok, [{"role": "user", "content": "Use kelvin."}], [{"type": "function", "function": UNIT}])
+    answer = '<tool_call>\n{"name": "set_unit", "arguments": {"unit": "kelvin"}}\n</tool_call>' + tok.eos_token
+    head, tail = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, answer))
+    ids, labels = torch.tensor([head + tail]), torch.tensor([[-100] * len(head) + tail])
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):  # about 80 steps on one sequence
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 0.01:
+            break
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return tok, model.eval(), prompt
+
+
+def test_a_strict_call_is_held_to_the_functions_schema(kelvin_caller) -> None:  # noqa: ANN001
+    """Free, the model calls with the unit it learned; strict, the same call can only take an offered unit."""
+    from ray_qlora.generation import generate_text
+    from ray_qlora.structured import Grammars
+
+    tok, model, prompt = kelvin_caller
+    read = partial(read_calls, mode="auto", tok=tok, prompt=prompt, functions=[UNIT])
+    free = read(generate_text(model, tok, [prompt], 48, 1)[0])
+    (call,) = free["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"unit": "kelvin"}  # what it was trained to write
+    kind, text = _request(tools=[{"type": "function", "function": UNIT}]).grammar_spec() or ("", "")
+    grammar = Grammars(tok, int(model.config.vocab_size)).compile(text, kind)
+    greedy = read(generate_text(model, tok, [prompt], 48, 1, grammar=grammar)[0])
+    assert greedy["finish_reason"] == "tool_calls" and greedy["text"] is None, greedy
+    greedy_unit = json.loads(greedy["tool_calls"][0]["function"]["arguments"])["unit"]
+    sampled = generate_text(model, tok, [prompt] * 4, 48, 4, 1.0, 1.0, 0, [], grammar)
+    for held in [greedy, *map(read, sampled)]:
+        (call,) = held["tool_calls"]
+        assert call["function"]["name"] == "set_unit"
+        assert json.loads(call["function"]["arguments"])["unit"] in ("celsius", "fahrenheit")
+    # one grammar per row (evaluation's rows each have their own tools): a row offered none stays free
+    free_row = Grammars(tok, int(model.config.vocab_size)).compile(json.dumps(strict_tag([])), "structural_tag")
+    rows = generate_text(model, tok, [prompt] * 2, 48, 2, grammar=[grammar, free_row])
+    assert [json.loads(read(o)["tool_calls"][0]["function"]["arguments"])["unit"] for o in rows] == [
+        greedy_unit, "kelvin"]
+
+
+def test_strict_leaves_a_text_answer_as_it_was(model) -> None:  # noqa: ANN001
+    """The random model writes no <tool_call>: its greedy answer is the same text with or without strict."""
+    from ray_qlora.generation import generate_text, render
+    from ray_qlora.structured import Grammars
+
+    tok, m = model
+    req = _request(tools=[{"type": "function", "function": {**WEATHER, "strict": True}}])
+    prompt = render(tok, req.conversation(), req.template_tools())
+    kind, text = req.grammar_spec() or ("", "")
+    grammar = Grammars(tok, int(m.config.vocab_size)).compile(text, kind)
+    free, held = (generate_text(m, tok, [prompt], 24, 1, grammar=g)[0] for g in (None, grammar))
+    assert "<tool_call>" not in free["text"] and held["text"] == free["text"]

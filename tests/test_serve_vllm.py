@@ -192,6 +192,11 @@ def test_forced_tool_calls_have_the_shape_the_transformers_engine_gives(served: 
     # 'auto' (the default with tools): a random model writes no <tool_call>, so it answers in text
     auto = _ask(client, tools=[tool]).choices[0]
     assert auto.message.tool_calls in (None, []) and auto.message.content.strip()
+    # strict (OpenAI's 'strict: true'): the structural tag reaches vLLM, and an answer without a call is the
+    # text it would have been (greedy: the tag leaves free text alone)
+    strict = {"type": "function", "function": {**tool["function"], "strict": True}}
+    held, free = (_ask(client, tools=[t], temperature=0).choices[0] for t in (strict, tool))
+    assert held.message.tool_calls in (None, []) and held.message.content == free.message.content
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}
     with pytest.raises(BadRequestError) as err:
         _ask(client, tools=[bad], tool_choice="required")

@@ -152,8 +152,10 @@ def test_the_server_prompts_a_tool_conversation_with_the_tokens_training_saw(tok
     from ray_qlora.serve.tools import read_calls
 
     out = tokenize_conversation(tok, TOOL_CHAT, max_len=512, tools=[WEATHER])
-    # the request a client sends after running the call: arguments as JSON text, as OpenAI's API has them
-    req = ChatCompletionRequest(model="m", tools=[WEATHER], messages=[
+    # the request a client sends after running the call: arguments as JSON text, as OpenAI's API has them;
+    # 'strict' (how the call is decoded) is not shown to the model, which training never saw either
+    strict = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+    req = ChatCompletionRequest(model="m", tools=[strict], messages=[
         TOOL_CHAT[0],
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function",

@@ -24,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_qlora.data.formats import TOOL_NAME as TOOL_NAME_RE
-from ray_qlora.serve.tools import ToolMode, call_schema
+from ray_qlora.serve.tools import ToolMode, call_schema, strict_tag, wants_strict
+from ray_qlora.structured import GrammarKind
+
+GrammarSpec = tuple[GrammarKind, str]  # what generation is held to, as text: the grammar cache's key
 
 __all__ = [
     "MAX_CHOICES",
@@ -318,6 +321,11 @@ class _Sampling(BaseModel):
         """The JSON schema the answer must follow (response_format), or None for free text."""
         return self.response_format.schema_text() if self.response_format else None
 
+    def grammar_spec(self, strict_default: bool = False, hermes: bool = True) -> GrammarSpec | None:
+        """What generation is held to (None: free text). The arguments matter for chat requests with tools."""
+        text = self.schema_text
+        return ("json_schema", text) if text is not None else None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -395,9 +403,27 @@ class ChatCompletionRequest(_Sampling):
         schema = call_schema(self.functions, self.tool_mode, self.tool_choice_name, self.parallel_tool_calls)
         return json.dumps(schema) if schema is not None else super().schema_text
 
+    def grammar_spec(self, strict_default: bool = False, hermes: bool = True) -> GrammarSpec | None:
+        """A forced call's or response_format's JSON schema; else, under a strict 'auto', the structural tag
+        that holds calls to the tools' schemas once the model opens one; else None (free text).
+
+        ``strict_default``: serve.strict_tools. ``hermes``: whether this model's calls are read as Hermes
+        tags; calls in a model's own format (its response_template) cannot be held this way and stay free.
+        A JSON response_format wins over a strict 'auto': the answer is held to it, as without tools.
+        """
+        spec = super().grammar_spec()
+        if spec is None and self.tool_mode == "auto" and hermes and wants_strict(self.functions, strict_default):
+            return "structural_tag", json.dumps(strict_tag(self.functions, self.parallel_tool_calls))
+        return spec
+
     def template_tools(self) -> list[dict[str, Any]] | None:
-        """The tools as chat templates take them (a template that writes tools shows them to the model)."""
-        return [{"type": "function", "function": f} for f in self.functions] or None
+        """The tools as chat templates take them (a template that writes tools shows them to the model).
+
+        Without ``strict``: it says how the call is decoded, not what the function is, and training rows
+        carry no such key (data/formats.py), so a strict request is shown the tools as training showed them.
+        """
+        return [{"type": "function", "function": {k: v for k, v in f.items() if k != "strict"}}
+                for f in self.functions] or None
 
     @property
     def logprob_top(self) -> int | None:

@@ -34,6 +34,7 @@ from ray_qlora.serve.api import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    GrammarSpec,
     Limits,
     check_budget,
     check_logit_bias,
@@ -228,14 +229,15 @@ class ChatServer:
         budget = self._budget(req, prompt)
         bias = self._bias(req)
         calls = self._tool_reader(req, self.tok, prompt)
-        grammar = await self._grammar(self.grammars, req)
+        spec = self._grammar_spec(req, self.tok)
+        grammar = await self._grammar(self.grammars, req, spec)
         if req.stream:
             return StreamingResponse(self._stream(req, prompt, budget, kind, grammar=grammar, bias=bias,
                                                   tools=self._tool_stream(req, calls, self.tok)),
                                      media_type="text/event-stream")
         started = time.perf_counter()
         outs = await self._generate_batch((prompt, req.n, budget, req.temperature, req.top_p, req.seed,
-                                           tuple(req.stops), req.schema_text, req.logprob_top, bias))
+                                           tuple(req.stops), spec, req.logprob_top, bias))
         self.metrics.generated("batch", time.perf_counter() - started, sum(o["completion_tokens"] for o in outs))
         return self._body(req, kind, [calls(o) for o in outs] if calls else outs)
 
@@ -273,8 +275,8 @@ class ChatServer:
         if engine.grammars is None:
             engine.grammars = Grammars(engine.tok, int(engine.model.config.vocab_size))
         bias = self._bias(req)
-        args = (budget, req.temperature, req.top_p, req.seed, req.stops, await self._grammar(engine.grammars, req),
-                req.logprob_top, bias)
+        grammar = await self._grammar(engine.grammars, req, self._grammar_spec(req, engine.tok))
+        args = (budget, req.temperature, req.top_p, req.seed, req.stops, grammar, req.logprob_top, bias)
         if req.stream:
             events = engine.stream(key, prompt, *args)
             return StreamingResponse(self._stream(req, prompt, budget, kind, events,
@@ -283,20 +285,29 @@ class ChatServer:
         outs = await asyncio.to_thread(engine.generate, key, [prompt] * req.n, budget, req.n, *args[1:])
         return self._body(req, kind, [calls(o) for o in outs] if calls else outs)
 
+    def _grammar_spec(self, req: Request, tok: Any) -> GrammarSpec | None:
+        """What the request's answer is held to: response_format, a forced call, or a strict 'auto' call.
+
+        Strict calls are held only where they are read as Hermes tags (no response_template of the model's
+        own); serve.strict_tools makes every 'auto' request strict unless a function says otherwise.
+        """
+        hermes = getattr(tok, "response_template", None) is None
+        return req.grammar_spec(self.cfg.serve.strict_tools, hermes)
+
     @staticmethod
-    async def _grammar(grammars: Grammars, req: Request) -> Any:
-        """The compiled grammar for the request's response_format or forced tool call (None for free text); a 400
-        before generating.
+    async def _grammar(grammars: Grammars, req: Request, spec: GrammarSpec | None) -> Any:
+        """The compiled grammar for ``spec`` (None for free text); a 400 before generating.
 
         Compiled in a thread: a large schema takes a while, and the event loop serves other requests meanwhile.
         """
-        if not req.schema_text:
+        if spec is None:
             return None
         try:
-            return await asyncio.to_thread(grammars.compile, req.schema_text)
+            return await asyncio.to_thread(grammars.compile, spec[1], spec[0])
         except SchemaError as err:
-            forced = isinstance(req, ChatCompletionRequest) and req.tool_mode in ("required", "named")
-            raise schema_error(err, "tools" if forced else "response_format") from None
+            called = isinstance(req, ChatCompletionRequest) and (req.tool_mode in ("required", "named")
+                                                                 or spec[0] == "structural_tag")
+            raise schema_error(err, "tools" if called else "response_format") from None
 
     def _bias(self, req: Request) -> TokenBias | None:
         """The request's logit_bias and penalties (None if it sets none); a 400 for a token the model lacks."""
@@ -366,7 +377,7 @@ class ChatServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, reqs: list[tuple]) -> list[list[dict[str, Any]]]:
-        """(prompt, n, budget, temperature, top_p, seed, stops, schema, logprobs, bias) each: its n answers.
+        """(prompt, n, budget, temperature, top_p, seed, stops, grammar spec, logprobs, bias) each: its n answers.
 
         One generate call per shared setting and at most serve.max_batch_size rows (batch_plan), with a row
         per choice: a request's choices come from one call, so a seeded sample gives n different answers (a
@@ -375,10 +386,10 @@ class ChatServer:
         from ray_qlora.generation import generate_text
 
         results: list[list[dict[str, Any]]] = [[] for _ in reqs]
-        for (budget, temp, top_p, seed, stops, schema, logprobs, bias, *_), idx in batch_plan(
+        for (budget, temp, top_p, seed, stops, spec, logprobs, bias, *_), idx in batch_plan(
                 reqs, self.cfg.serve.max_batch_size):
             prompts = [reqs[i][0] for i in idx for _ in range(reqs[i][1])]
-            grammar = self.grammars.compile(schema) if schema else None  # compiled (and cached) by _complete
+            grammar = self.grammars.compile(spec[1], spec[0]) if spec else None  # compiled (and cached) by _complete
             # generate is blocking torch work: keep the event loop free for other requests
             outs = iter(await asyncio.to_thread(generate_text, self.model, self.tok, prompts, budget, len(prompts),
                                                 temp, top_p, seed, list(stops), grammar, logprobs, bias))

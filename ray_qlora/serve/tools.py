@@ -15,6 +15,14 @@ a tokenizer without one (SmolLM2's, most older ones) is read as Hermes, the
 commonest format and the one the vLLM engine is started with. A model that
 writes no calls that way answers in text, as it would without tools.
 
+A strict ``"auto"`` (a function with OpenAI's ``strict: true``, or
+serve.strict_tools) still lets the model choose, but once it opens a Hermes
+``<tool_call>`` tag the rest of the call is held to a grammar: an offered
+function's name and arguments that follow its parameters (an enum's values
+only, declared types, required keys), then the closing tag. That is
+xgrammar's structural tag with ``<tool_call>`` as its trigger, the same
+construction vLLM uses for its Hermes parser (``strict_tag``).
+
 Kept free of Ray and torch, like api.py.
 """
 
@@ -24,7 +32,8 @@ import json
 import uuid
 from typing import Any, Callable, Literal
 
-__all__ = ["HERMES", "ToolMode", "ToolStream", "call_schema", "new_call_id", "read_calls"]
+__all__ = ["HERMES", "ToolMode", "ToolStream", "call_schema", "new_call_id", "read_calls", "strict_tag",
+           "wants_strict"]
 
 ToolMode = Literal["none", "auto", "required", "named"]
 
@@ -79,6 +88,37 @@ def call_schema(functions: list[dict[str, Any]], mode: ToolMode, name: str | Non
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+# How a Hermes call opens and closes: with the newlines the tool front (and Qwen, Hermes) write, or without,
+# as some models do; both parse.
+_HERMES_FORMS = (('<tool_call>\n{"name": ', '}\n</tool_call>'), ('<tool_call>{"name": ', '}</tool_call>'))
+
+
+def wants_strict(functions: list[dict[str, Any]], default: bool) -> bool:
+    """Whether 'auto' calls are held to the tools' schemas: a function asks (``strict: true``), or the server
+    does (serve.strict_tools) unless a function says ``strict: false``."""
+    flags = [f.get("strict") for f in functions]
+    return True in flags or (default and False not in flags)
+
+
+def strict_tag(functions: list[dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
+    """The xgrammar structural tag for strict 'auto' calls written as Hermes ``<tool_call>`` tags.
+
+    Text is free until the model writes ``<tool_call>``; from there it must write one offered function's
+    name and arguments under its parameters, and close the tag. JSON whitespace is capped at one character
+    at a time: the tool front writes ``{"a": 1}``, and a grammar allowing any whitespace lets a small model
+    spend its budget on newlines (why response_format is generated without free whitespace).
+    """
+    if not functions:  # nothing to call: any text (a row without tools in a batch of strict ones)
+        return {"type": "structural_tag", "format": {"type": "any_text"}}
+    tags = [{"type": "tag", "begin": f"{begin}{json.dumps(f['name'])}, \"arguments\": ",
+             "content": {"type": "json_schema", "json_schema": _parameters(f), "max_whitespace_cnt": 1},
+             "end": end}
+            for f in functions for begin, end in _HERMES_FORMS]
+    return {"type": "structural_tag",
+            "format": {"type": "triggered_tags", "triggers": ["<tool_call>"], "tags": tags,
+                       "stop_after_first": not parallel}}
 
 
 def _parse_auto(text: str, tok: Any, prompt: str, functions: list[dict[str, Any]] | None) -> dict[str, Any]:

@@ -36,8 +36,9 @@ from typing import Any, Callable
 
 from ray_qlora import adapters, storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
-from ray_qlora.serve.api import (COUNTED_LOGPROBS, APIError, Limits, _LimitsMiddleware, check_choices,
-                                 check_response_format, check_tools, models_body, read_body, replaying)
+from ray_qlora.serve.api import (COUNTED_LOGPROBS, APIError, ChatCompletionRequest, Limits, _LimitsMiddleware,
+                                 check_choices, check_response_format, check_tools, models_body, read_body,
+                                 replaying)
 
 __all__ = ["build_vllm_app", "cpu_head_sizes", "engine_problem", "llm_configs"]
 
@@ -259,6 +260,7 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
         check_response_format(body["response_format"])
     if path.endswith("/chat/completions"):
         check_tools(body)
+        _hold_strict_calls(st.cfg, body)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = cap  # as the transformers engine: the server's cap, not the whole context
     if model == st.model_name:
@@ -272,6 +274,29 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
     if path.endswith("/chat/completions") and template:
         body["chat_template"] = template  # the template the adapter was trained with (vLLM takes it per request)
     return body, internal
+
+
+def _hold_strict_calls(cfg: PipelineConfig, body: dict[str, Any]) -> None:
+    """A strict 'auto' request gets the transformers engine's structural tag as vLLM's ``structured_outputs``;
+    every request's tools lose ``strict``, which is how the call is decoded, not what the model is shown.
+
+    vLLM builds one itself only with VLLM_ENFORCE_STRICT_TOOL_CALLING, which is off (_runtime_env): its tag
+    lets JSON whitespace run free and applies to forced calls too. Only where vLLM reads calls as Hermes tags
+    (the tool_call_parser this module starts it with); a client's own structured_outputs is left alone.
+    """
+    if not body.get("tools"):
+        return
+    fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+              if body.get(k) is not None}
+    req = ChatCompletionRequest.model_validate({**fields, "model": "m", "messages": [{"role": "user", "content": ""}]})
+    # vLLM shows the template the tools as sent: 'strict' goes, as on the transformers engine (template_tools)
+    body["tools"] = req.template_tools()
+    if body.get("structured_outputs") is not None or cfg.serve.engine_kwargs.get("tool_call_parser",
+                                                                                 "hermes") != "hermes":
+        return
+    spec = req.grammar_spec(cfg.serve.strict_tools)
+    if spec is not None and spec[0] == "structural_tag":
+        body["structured_outputs"] = {"structural_tag": spec[1]}
 
 
 class _RegistryMiddleware:
