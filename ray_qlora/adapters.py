@@ -5,7 +5,8 @@ Layout, under the run's output URI (object storage or a folder)::
     <output_uri>/adapters/<name>/<version>/   version = v1, v2, ...
         adapter_config.json          peft's config (r, alpha, targets, base reference)
         adapter_model.safetensors    the LoRA weights (never a pickle)
-        chat_template.jinja          the template the adapter was trained with
+        chat_template.jinja          the template the adapter was trained with (named templates: the
+        additional_chat_templates/   default there, the others here, as transformers saves them)
         Modelfile                    Ollama: FROM the base + ADAPTER this folder
         metadata.json                written last: a version without it is not listed
 
@@ -55,6 +56,8 @@ WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 METADATA = "metadata.json"
+TEMPLATE_FILE, TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"  # transformers' own names
+_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _VERSION = re.compile(r"v([1-9][0-9]{0,8})")
 
 
@@ -149,6 +152,7 @@ def publish(cfg: PipelineConfig, adapter_uri: str, name: str, provenance: dict[s
     files = {Path(u).name: u for u in storage.list_files(adapter_uri, cfg.storage)}
     weights = check_adapter_files(set(files), cfg.model.allow_pickle, adapter_uri)
     tok = tokenizer if tokenizer is not None else _chat_template(cfg)
+    templates = template_files(tok.chat_template)  # a name that cannot be a file is refused before any write
     version = f"v{(_versions(cfg, name) or [0])[-1] + 1}"
     dest = storage.join(registry_root(cfg), name, version)
     hashes = {}
@@ -157,8 +161,8 @@ def publish(cfg: PipelineConfig, adapter_uri: str, name: str, provenance: dict[s
         hashes[fname] = _sha256(data)
         storage.write_bytes(storage.join(dest, fname), data, cfg.storage)
     adapter_config = json.loads(storage.read_bytes(files[ADAPTER_CONFIG], cfg.storage))
-    template = tok.chat_template or ""
-    storage.write_bytes(storage.join(dest, "chat_template.jinja"), template.encode(), cfg.storage)
+    for rel, text in templates.items():
+        storage.write_bytes(storage.join(dest, rel), text.encode(), cfg.storage)
     if cfg.export.ollama:
         _write_adapter_modelfile(cfg, tok, dest)
     meta = {
@@ -167,7 +171,8 @@ def publish(cfg: PipelineConfig, adapter_uri: str, name: str, provenance: dict[s
         "format": "peft-lora",
         "base_model": base if base is not None else _base_info(cfg),
         "lora": _lora_shape(adapter_config),
-        "chat_template_sha256": _sha256(template.encode()),
+        "chat_template_sha256": _sha256((templates[TEMPLATE_FILE] if len(templates) == 1
+                                         else json.dumps(templates, sort_keys=True)).encode()),
         "files": hashes,
         "source_uri": adapter_uri,
         **provenance,
@@ -175,6 +180,40 @@ def publish(cfg: PipelineConfig, adapter_uri: str, name: str, provenance: dict[s
     storage.write_json(storage.join(dest, METADATA), meta, cfg.storage)  # last: the version now exists
     log.info("adapters: published %s/%s from %s", name, version, adapter_uri)
     return meta
+
+
+def template_files(template: str | dict[str, str] | None) -> dict[str, str]:
+    """A tokenizer's chat template as the files transformers saves it in (relative path -> text).
+
+    One template is chat_template.jinja. Named ones (a dict: some tokenizers ship 'default' and 'tool_use')
+    put the default there and each other in additional_chat_templates/<name>.jinja.
+    """
+    if not isinstance(template, dict):
+        return {TEMPLATE_FILE: template or ""}
+    out = {}
+    for name, text in template.items():
+        if name == "default":
+            out[TEMPLATE_FILE] = text
+        elif _TEMPLATE_NAME.fullmatch(name):
+            out[f"{TEMPLATE_DIR}/{name}.jinja"] = text
+        else:  # the name becomes a file name: nothing that could leave the folder
+            raise AdapterError(f"chat template name {name!r} is not a plain name ({_TEMPLATE_NAME.pattern})")
+    return out
+
+
+def read_templates(cfg: PipelineConfig, uri: str) -> str | dict[str, str] | None:
+    """The chat template(s) an adapter version folder (a URI, or a local copy) holds: the inverse of
+    template_files; None when it has none."""
+    def text(file_uri: str) -> str:
+        return storage.read_bytes(file_uri, cfg.storage).decode()
+
+    main, extra = storage.join(uri, TEMPLATE_FILE), storage.join(uri, TEMPLATE_DIR)
+    default = text(main) if storage.exists(main, cfg.storage) else None
+    named = ({Path(u).stem: text(u) for u in storage.list_files(extra, cfg.storage, (".jinja",))}
+             if storage.exists(extra, cfg.storage) else {})
+    if not named:
+        return default
+    return {**({"default": default} if default is not None else {}), **named}
 
 
 def _write_adapter_modelfile(cfg: PipelineConfig, tok: Any, dest: str) -> None:

@@ -133,6 +133,37 @@ def test_registry_on_s3(local_s3: Any, tiny_model_dir: Path, adapter_dir: Path) 
     assert adapters.list_adapters(cfg) == []
 
 
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_named_chat_templates_are_kept_and_picked_as_transformers_picks(where: str, tmp_path: Path, request: Any,
+                                                                         tiny_model_dir: Path,
+                                                                         adapter_dir: Path) -> None:
+    """Some tokenizers ship a dict of templates ('default', 'tool_use'): the registry keeps them all, in
+    transformers' own layout, and serving renders with the one training used."""
+    from ray_qlora.data.templating import pick_template
+    from ray_qlora.modeling import load_tokenizer
+
+    if where == "s3":
+        request.getfixturevalue("local_s3").create_bucket("named")
+    cfg = _cfg("s3://named/out" if where == "s3" else str(tmp_path / "out"), tiny_model_dir)
+    tok = load_tokenizer(tiny_model_dir)
+    tok.chat_template = {"default": "plain:{{ messages[0].content }}", "tool_use": "tools:{{ tools | length }}"}
+    meta = adapters.publish(cfg, str(adapter_dir), "named", {"run_id": "r1"}, tokenizer=tok)
+    assert storage.read_bytes(storage.join(meta["uri"], "additional_chat_templates/tool_use.jinja"),
+                              cfg.storage).decode() == "tools:{{ tools | length }}"
+    kept = adapters.read_templates(cfg, meta["uri"])
+    assert kept == tok.chat_template
+    msgs, tools = [{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "f"}}]
+    for offered in (None, tools):  # the same text as transformers' own choice among the named templates
+        assert tok.apply_chat_template(msgs, chat_template=pick_template(kept, offered), tools=offered,
+                                       tokenize=False) == tok.apply_chat_template(msgs, tools=offered, tokenize=False)
+    assert pick_template(kept, tools) == "tools:{{ tools | length }}"
+    tok.chat_template = {"default": "x", "../up": "y"}
+    with pytest.raises(adapters.AdapterError, match="not a plain name"):
+        adapters.publish(cfg, str(adapter_dir), "named", {"run_id": "r1"}, tokenizer=tok)
+    assert adapters.show(cfg, "named")["versions"] == ["v1"] and not storage.exists(
+        storage.join(meta["uri"].replace("/v1", "/v2"), "adapter_config.json"), cfg.storage)  # nothing written
+
+
 def test_cli_verbs_and_their_errors(tmp_path: Path, tiny_model_dir: Path, adapter_dir: Path, capsys) -> None:  # noqa: ANN001
     from ray_qlora.cli import main
 

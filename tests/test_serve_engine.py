@@ -171,6 +171,21 @@ def test_strict_auto_calls_reach_vllm_as_the_transformers_engines_structural_tag
         assert sent(serve, tools=strict, **body).get("structured_outputs") == body.get("structured_outputs")
 
 
+def test_an_adapter_with_named_templates_is_rendered_with_the_one_training_used() -> None:
+    import time
+
+    from ray_qlora.serve.vllm_engine import _State, rewrite_request
+
+    st = _State(cfg=_cfg("s3://b/out"), model_name="m")
+    st.versions["named"] = (time.time(), 1, {"default": "D", "tool_use": "T"})  # as read from the registry
+    msgs = [{"role": "user", "content": "x"}]
+    plain, _ = rewrite_request(st, {"model": "named", "messages": msgs}, "/v1/chat/completions")
+    tools, _ = rewrite_request(st, {"model": "named", "messages": msgs,
+                                    "tools": [{"type": "function", "function": {"name": "f"}}]},
+                               "/v1/chat/completions")
+    assert (plain["chat_template"], tools["chat_template"]) == ("D", "T")
+
+
 @pytest.mark.parametrize("fmt, param, code", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}, "response_format",
      "invalid_json_schema"),

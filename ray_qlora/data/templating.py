@@ -162,6 +162,18 @@ def _with_tool_front(tok: "PreTrainedTokenizerBase", template: str) -> str:
     return template if writes_tool_use(tok, template) else TOOL_USE_TEMPLATE + template
 
 
+def pick_template(template: str | dict[str, str], tools: Any = None) -> str:
+    """The one template a render uses, picked among named ones (a dict) as transformers picks: 'tool_use'
+    when tools are passed and there is one, else 'default'. Where a template is handed to
+    ``apply_chat_template`` as text (a registry adapter's), the same conversation renders as in training."""
+    if isinstance(template, str):
+        return template
+    name = "tool_use" if tools is not None and "tool_use" in template else "default"
+    if name not in template:
+        raise ValueError(f"named chat templates {sorted(template)} have no 'default' to use")
+    return template[name]
+
+
 def uses_tool_front(tok: "PreTrainedTokenizerBase") -> bool:
     """Whether the tokenizer's template (any of its named templates) writes tool use through the tool front."""
     templates = tok.chat_template.values() if isinstance(tok.chat_template, dict) else [tok.chat_template]

@@ -59,7 +59,7 @@ class AdapterEngine:
         self.cfg = cfg
         self.model: Any = None  # a PeftModel once the first adapter is loaded
         self.tok: Any = None
-        self.templates: dict[str, str] = {}  # key -> the chat template the adapter was trained with
+        self.templates: dict[str, str | dict[str, str]] = {}  # key -> the template(s) the adapter was trained with
         self.lock = threading.Lock()  # one adapter active at a time on the shared base
         self.tokens: dict[str, int] = {}  # key -> load token: a stale eviction never unloads a newer load
         self._next = itertools.count(1)
@@ -108,8 +108,7 @@ class AdapterEngine:
                 self.model.load_adapter(str(local), adapter_name=key)
             token = next(self._next)
             self.tokens[key] = token
-        template = local / "chat_template.jinja"
-        self.templates[key] = template.read_text() if template.is_file() else self.tok.chat_template
+        self.templates[key] = adapters.read_templates(self.cfg, str(local)) or self.tok.chat_template
         log.info("adapters: loaded %s (%s/%s) into the shared base", model_id, name, meta["version"])
         return LoadedAdapter(self, key, token)
 
@@ -128,8 +127,10 @@ class AdapterEngine:
         return sorted(self.tokens)
 
     def render(self, key: str, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        return self.tok.apply_chat_template(conversation, chat_template=self.templates[key], tools=tools,
-                                            tokenize=False, add_generation_prompt=True)
+        from ray_qlora.data.templating import pick_template
+
+        return self.tok.apply_chat_template(conversation, chat_template=pick_template(self.templates[key], tools),
+                                            tools=tools, tokenize=False, add_generation_prompt=True)
 
     def generate(self, key: str, prompts: list[str], *args: Any) -> list[dict[str, Any]]:
         from ray_qlora.generation import generate_text

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from ray_qlora import adapters, storage
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
+from ray_qlora.data.templating import pick_template
 from ray_qlora.serve.api import (COUNTED_LOGPROBS, APIError, ChatCompletionRequest, Limits, _LimitsMiddleware,
                                  check_choices, check_response_format, check_tools, models_body, read_body,
                                  replaying)
@@ -187,7 +188,8 @@ class _State:
     model_name: str = ""
     base_sha256: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    versions: dict[str, tuple[float, int, str | None]] = field(default_factory=dict)  # name -> (when, vN, template)
+    versions: dict[str, tuple[float, int, str | dict[str, str] | None]] = field(
+        default_factory=dict)  # name -> (when, vN, template(s))
     adapter_names: adapters.NameCache = field(default_factory=adapters.NameCache)
 
 
@@ -207,8 +209,8 @@ def _not_found(model: str) -> APIError:
                     code="model_not_found")
 
 
-def _adapter_version(st: _State, name: str, version: str | None) -> tuple[int, str | None]:
-    """(version number, chat template) of a registry adapter; the latest is looked up at most every 10 s."""
+def _adapter_version(st: _State, name: str, version: str | None) -> tuple[int, str | dict[str, str] | None]:
+    """(version number, chat template(s)) of a registry adapter; the latest is looked up at most every 10 s."""
     from ray_qlora.serve.multi_adapter import parse_model_id
 
     assert st.cfg is not None
@@ -226,9 +228,7 @@ def _adapter_version(st: _State, name: str, version: str | None) -> tuple[int, s
         raise APIError(400, f"adapter {key!r} was trained on another base model ({meta['base_model'].get('ref')}); "
                             f"this server's base is {st.cfg.model.base}", "model", code="adapter_base_mismatch")
     n = int(str(meta["version"]).lstrip("v"))
-    template_uri = storage.join(meta["uri"], "chat_template.jinja")
-    template = (storage.read_bytes(template_uri, st.cfg.storage).decode()
-                if storage.exists(template_uri, st.cfg.storage) else None)
+    template = adapters.read_templates(st.cfg, meta["uri"])
     st.versions[key] = (time.time(), n, template)
     return n, template
 
@@ -272,7 +272,8 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
     internal = f"{st.model_name}{BASE_SUFFIX}:{name}/v{n}"
     body["model"] = internal
     if path.endswith("/chat/completions") and template:
-        body["chat_template"] = template  # the template the adapter was trained with (vLLM takes it per request)
+        # the template the adapter was trained with (vLLM takes it per request), the named one training used
+        body["chat_template"] = pick_template(template, body.get("tools"))
     return body, internal
 
 
