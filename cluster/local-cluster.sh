@@ -43,16 +43,20 @@ import psutil
 # the temp dir as a whole path component: /tmp/ray-qlora-1000 must not match /tmp/ray-qlora-10001
 names = re.compile("|".join(re.escape(t) + r"(?![\w.-])"
                             for t in {sys.argv[1].rstrip("/"), os.path.realpath(sys.argv[1])}))
-found = {}
-for p in psutil.process_iter(["pid", "uids", "cmdline"]):
-    try:
-        if p.info["uids"] and p.info["uids"].real == os.getuid() and p.pid != os.getpid() \
-                and any(names.search(arg) for arg in (p.info["cmdline"] or [])):
-            found[p.pid] = p
-            for c in p.children(recursive=True):
-                found[c.pid] = c
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        pass
+# one pass over the process table: a descendant search per match would rescan it for each of hundreds
+# of workers, and `down` scans again every half second
+children, found = {}, set()
+for p in psutil.process_iter(["pid", "ppid", "uids", "cmdline"]):
+    children.setdefault(p.info["ppid"], []).append(p.pid)
+    if p.info["uids"] and p.info["uids"].real == os.getuid() and p.pid != os.getpid() \
+            and any(names.search(arg) for arg in (p.info["cmdline"] or [])):
+        found.add(p.pid)
+todo = list(found)
+while todo:
+    for c in children.get(todo.pop(), []):
+        if c not in found:
+            found.add(c)
+            todo.append(c)
 print(" ".join(str(pid) for pid in sorted(found)))
 EOF
 }
@@ -61,16 +65,16 @@ EOF
 # meanwhile (a node being stopped may still start a worker), once each, until
 # none is left or $2 half-seconds have passed; fails if some are left.
 signal_until_gone() {
-  local sig=$1 sent=" " pids pid
+  local sig=$1 pids pid new
+  local -A sent=()  # a set: a string searched per pid grows quadratic with hundreds of workers
   for _ in $(seq 1 "$2"); do
     pids=$(cluster_pids)
     [[ -z "$pids" ]] && return 0
+    new=()
     for pid in $pids; do
-      if [[ "$sent" != *" $pid "* ]]; then
-        kill "-$sig" "$pid" 2>/dev/null || true
-        sent+="$pid "
-      fi
+      [[ -n "${sent[$pid]:-}" ]] || { new+=("$pid"); sent[$pid]=1; }
     done
+    (( ${#new[@]} )) && { kill "-$sig" "${new[@]}" 2>/dev/null || true; }
     sleep 0.5
   done
   [[ -z "$(cluster_pids)" ]]
