@@ -333,6 +333,22 @@ def _generated_under(cfg: PipelineConfig) -> str:
     return "strict tool calls" if cfg.serve.strict_tools else "free"
 
 
+def check_generation(cfg: PipelineConfig) -> None:
+    """ConfigErrors naming the key, before any actor starts, where answers cannot be generated as configured:
+    eval.constrained's schema must be one a grammar can follow, and serve.strict_tools (answers held to
+    each row's tools, as on the endpoint) needs xgrammar where the actors run, as eval.constrained does."""
+    from ray_qlora.structured import SchemaError, check_installed
+
+    if cfg.eval.constrained and cfg.eval.json_schema is not None:
+        check_schema_followable(cfg.eval.json_schema)
+    if cfg.serve.strict_tools:
+        try:
+            check_installed()
+        except SchemaError as err:
+            raise ConfigError(f"invalid config: serve.strict_tools: evaluation holds calls to their tools, and "
+                              f"{err}; install it, or set serve.strict_tools: false") from None
+
+
 def check_schema_followable(schema: dict[str, Any]) -> None:
     """A ConfigError naming eval.json_schema before any actor starts, if constrained generation cannot follow it."""
     from ray_qlora.structured import SchemaError, check_followable
@@ -404,8 +420,7 @@ def evaluate(cfg: PipelineConfig, run: storage.RunPaths, merge_result: dict[str,
     from ray_qlora.model_card import write_card
 
     scorer = load_scorer(cfg.eval.scorer) if cfg.eval.scorer else None
-    if cfg.eval.constrained and cfg.eval.json_schema is not None:
-        check_schema_followable(cfg.eval.json_schema)
+    check_generation(cfg)
     table = eval_rows(cfg, run)
     base = _score("base", cfg, table, "base", scorer=scorer)
     tuned = _score("tuned", cfg, table, run.merged, scorer=scorer)

@@ -17,7 +17,7 @@ import re
 from functools import lru_cache
 from typing import Any, Literal
 
-__all__ = ["GrammarKind", "Grammars", "SchemaError", "check_followable"]
+__all__ = ["GrammarKind", "Grammars", "SchemaError", "check_followable", "check_installed"]
 
 GrammarKind = Literal["json_schema", "structural_tag"]
 
@@ -40,6 +40,11 @@ def _xgrammar() -> Any:
     except ImportError:
         raise SchemaError(f"structured output needs xgrammar ({INSTALL_HINT})", missing_library=True) from None
     return xgrammar
+
+
+def check_installed() -> None:
+    """A SchemaError (``missing_library``) unless xgrammar can be imported here."""
+    _xgrammar()
 
 
 def _reason(err: Exception) -> str:

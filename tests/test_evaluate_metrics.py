@@ -82,6 +82,26 @@ def test_a_schema_constrained_generation_cannot_follow_is_refused_before_any_wor
         check_schema_followable({"type": "string", "pattern": "(("})
 
 
+def test_generation_that_needs_xgrammar_names_the_key_that_asks_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from ray_qlora.config import ConfigError, parse_config
+    from ray_qlora.evaluate import check_generation
+
+    base = {"run": {"output_uri": "/tmp/x"}, "data": {"input_uris": ["x"]}}
+    constrained = parse_config({**base, "eval": {"json_schema": {"type": "object"}, "constrained": True}})
+    strict = parse_config({**base, "serve": {"strict_tools": True}})
+    for cfg in (constrained, strict, parse_config(base)):
+        check_generation(cfg)  # xgrammar is installed here: nothing to refuse
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if it were not
+    check_generation(parse_config(base))  # free generation needs no grammar
+    with pytest.raises(ConfigError, match=r"eval.constrained: .*needs xgrammar"):
+        check_generation(constrained)
+    with pytest.raises(ConfigError,
+                       match=r"serve.strict_tools: .*needs xgrammar \(pip install 'ray-qlora\[structured\]'\)"):
+        check_generation(strict)
+
+
 def test_scorer_spec_errors_name_the_key() -> None:
     from ray_qlora.config import ConfigError
     from ray_qlora.evaluate import load_scorer

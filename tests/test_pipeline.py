@@ -79,3 +79,16 @@ def test_run_refuses_a_missing_api_key_before_any_stage(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match="serve.auth is 'api_key' but no key is set"):
         run_pipeline(_cfg(tmp_path), run_id="r")
     assert not (tmp_path / "runs" / "r").exists()  # nothing started
+
+
+def test_run_refuses_strict_calls_without_xgrammar_before_any_stage(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import sys
+
+    from ray_qlora.config import ConfigError
+    from ray_qlora.pipeline import run_pipeline
+
+    monkeypatch.setenv("RAY_QLORA_API_KEYS", "k")
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if the structured extra were not installed
+    with pytest.raises(ConfigError, match=r"serve.strict_tools: .*needs xgrammar.*set serve.strict_tools: false"):
+        run_pipeline(_cfg(tmp_path, serve={"strict_tools": True}), run_id="r")
+    assert not (tmp_path / "runs" / "r").exists()  # nothing started
