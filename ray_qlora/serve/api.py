@@ -523,17 +523,20 @@ def check_response_format(raw: Any) -> None:
             raise schema_error(err) from None
 
 
-def check_tools(body: dict[str, Any]) -> None:
+def check_tools(body: dict[str, Any]) -> "ChatCompletionRequest | None":
     """For the vLLM engine: a 400 in the transformers engine's words for tools it would refuse.
 
     The same request rules (ChatCompletionRequest's), and every function's parameters a schema a grammar
-    can follow (vLLM's own refusals name internal exceptions and no ``param``).
+    can follow (vLLM's own refusals name internal exceptions and no ``param``). Returns the request's tool
+    fields (and response_format) parsed, None without tools. Run after check_response_format, which names
+    response_format's own fields.
     """
     from ray_qlora.structured import SchemaError, check_followable
 
     if not body.get("tools") and not body.get("tool_choice"):
-        return
-    fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None}
+        return None
+    fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+              if body.get(k) is not None}
     try:
         req = ChatCompletionRequest.model_validate({**fields, "model": "m",
                                                     "messages": [{"role": "user", "content": ""}]})
@@ -546,6 +549,7 @@ def check_tools(body: dict[str, Any]) -> None:
             check_followable(function.get("parameters") or {"type": "object"})
         except SchemaError as err:
             raise schema_error(err, "tools") from None
+    return req
 
 
 def check_choices(n: int) -> None:

@@ -259,8 +259,9 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
     if body.get("response_format") is not None:
         check_response_format(body["response_format"])
     if path.endswith("/chat/completions"):
-        check_tools(body)
-        _hold_strict_calls(st.cfg, body)
+        req = check_tools(body)
+        if req is not None:
+            _hold_strict_calls(st.cfg, body, req)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = cap  # as the transformers engine: the server's cap, not the whole context
     if model == st.model_name:
@@ -277,19 +278,17 @@ def rewrite_request(st: _State, body: dict[str, Any], path: str) -> tuple[dict[s
     return body, internal
 
 
-def _hold_strict_calls(cfg: PipelineConfig, body: dict[str, Any]) -> None:
+def _hold_strict_calls(cfg: PipelineConfig, body: dict[str, Any], req: ChatCompletionRequest) -> None:
     """A strict 'auto' request gets the transformers engine's structural tag as vLLM's ``structured_outputs``;
     every request's tools lose ``strict``, which is how the call is decoded, not what the model is shown.
 
     vLLM builds one itself only with VLLM_ENFORCE_STRICT_TOOL_CALLING, which is off (_runtime_env): its tag
     lets JSON whitespace run free and applies to forced calls too. Only where vLLM reads calls as Hermes tags
     (the tool_call_parser this module starts it with); a client's own structured_outputs is left alone.
+    ``req``: the body's tool fields as check_tools parsed them.
     """
     if not body.get("tools"):
         return
-    fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls", "response_format")
-              if body.get(k) is not None}
-    req = ChatCompletionRequest.model_validate({**fields, "model": "m", "messages": [{"role": "user", "content": ""}]})
     # vLLM shows the template the tools as sent: 'strict' goes, as on the transformers engine (template_tools)
     body["tools"] = req.template_tools()
     if body.get("structured_outputs") is not None or cfg.serve.engine_kwargs.get("tool_call_parser",
