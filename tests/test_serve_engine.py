@@ -31,6 +31,21 @@ def test_transformers_when_asked() -> None:
     assert choose_engine(_cfg(engine="transformers"), HEAD64, on_gpu=False)[0] == "transformers"
 
 
+def test_strict_tools_the_transformers_engine_cannot_hold_are_refused_before_deploying(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from ray_qlora.config import ConfigError
+    from ray_qlora.serve.deployment import build_application, check_strict_tools
+
+    (tmp_path / "config.json").write_text(json.dumps(HEAD64))
+    check_strict_tools(_cfg(engine="transformers", strict_tools=True))  # xgrammar is installed here
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if it were not
+    check_strict_tools(_cfg(engine="transformers"))  # free calls need no grammar
+    with pytest.raises(ConfigError, match=r"serve.strict_tools: the transformers engine .*needs xgrammar"):
+        build_application(_cfg(engine="transformers", strict_tools=True, gpus_per_replica=0), str(tmp_path), "m")
+
+
 def _req(n: int = 1, seed: int | None = None, temperature: float = 0.0) -> tuple:
     """(prompt, n, budget, temperature, top_p, seed, stops, schema, logprobs, bias), as _generate_batch takes it."""
     return ("p", n, 16, temperature, 1.0, seed, (), None, None, None)

@@ -29,7 +29,7 @@ from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.generation import TokenBias
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
 from ray_qlora.serve.tools import ToolStream, read_calls
-from ray_qlora.structured import Grammars, SchemaError
+from ray_qlora.structured import Grammars, SchemaError, check_installed
 from ray_qlora.serve.api import (
     APIError,
     ChatCompletionRequest,
@@ -452,8 +452,21 @@ def build_application(cfg: PipelineConfig, model_uri: str, model_name: str) -> t
 
         check_fits(cfg, 2 if adapters_served(cfg) else 1)
         return build_vllm_app(cfg, model_uri, model_name, model_config, on_gpu), engine
+    check_strict_tools(cfg)
     check_fits(cfg, 1)
     return build_app(cfg, model_uri, model_name), engine
+
+
+def check_strict_tools(cfg: PipelineConfig) -> None:
+    """A ConfigError naming serve.strict_tools when the transformers engine cannot hold calls to their tools
+    (no xgrammar here): deployed, it would refuse every request with tools. vLLM brings its own xgrammar."""
+    if not cfg.serve.strict_tools:
+        return
+    try:
+        check_installed()
+    except SchemaError as err:
+        raise ConfigError(f"invalid config: serve.strict_tools: the transformers engine holds calls to their "
+                          f"tools, and {err}; install it, or set serve.strict_tools: false") from None
 
 
 def check_fits(cfg: PipelineConfig, engines: int) -> None:
