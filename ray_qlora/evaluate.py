@@ -24,11 +24,13 @@ import logging
 import math
 import re
 import string
+import time
 import unicodedata
 from typing import Any, Callable
 
 from ray_qlora import storage
 from ray_qlora.config import ConfigError, PipelineConfig
+from ray_qlora.errors import UserError
 
 __all__ = ["calls_text", "evaluate", "format_table", "load_scorer", "normalize", "prediction", "reference",
            "task_metrics", "tool_metrics"]
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 ACTOR_START_TIMEOUT_S = 600  # model load per actor; past this the cluster cannot fit the pool: fail, not hang
+FREE_WAIT_S = 60  # for resources a finished pool or trial gives back; what is held longer is held by other work
 
 
 def _parse_json(text: str) -> Any:
@@ -269,19 +272,81 @@ def eval_rows(cfg: PipelineConfig, run: storage.RunPaths) -> "Any":
     return table.slice(0, cfg.eval.max_examples) if cfg.eval.max_examples else table
 
 
-def _actors(cfg: PipelineConfig, rows: int) -> tuple[int, float]:
-    """(actors, GPUs per actor): one per GPU where the cluster has them, else one per cpus_per_actor CPUs."""
+def _actor_need(nodes: list[dict[str, float]], cfg: PipelineConfig) -> dict[str, float]:
+    """What one generation actor reserves: eval.cpus_per_actor CPUs, and a GPU where the cluster has one."""
+    gpu = 1.0 if any(n.get("GPU", 0) >= 1 for n in nodes) else 0.0
+    return {"CPU": float(cfg.eval.cpus_per_actor), "GPU": gpu}
+
+
+def _room(resources: dict[str, float], need: dict[str, float]) -> int:
+    """How many actors of ``need`` these resources hold."""
+    return min(int(resources.get(k, 0.0) // v) for k, v in need.items() if v)
+
+
+def _actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]]:
+    """(actors, what each reserves): one per GPU where the cluster has them, else one per cpus_per_actor CPUs.
+
+    A ConfigError with the numbers when no node can hold one actor, or the cluster cannot hold
+    eval.num_actors of them (Ray Data would wait for them until its start timeout).
+    """
     import ray
 
-    if cfg.eval.num_actors != "auto":
-        n = cfg.eval.num_actors
-    else:
-        res = ray.cluster_resources()
-        gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
-        n = gpus or max(1, cpus // cfg.eval.cpus_per_actor)
-    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = _actor_need(nodes, cfg)
+    capacity = sum(_room(n, need) for n in nodes)
+    n = capacity if cfg.eval.num_actors == "auto" else cfg.eval.num_actors
+    if not cfg.tune.cluster_autoscales and max(n, 1) > capacity:  # an autoscaling one starts nodes on demand
+        what = f"{need['CPU']:g} CPU" + (" and 1 GPU" if need["GPU"] else "")
+        largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+        key = "eval.cpus_per_actor" if capacity == 0 else "eval.num_actors"
+        raise ConfigError(f"invalid config: {key}: evaluate wants {max(n, 1)} generation actor(s) of {what} each "
+                          f"on one node, and this cluster holds {capacity} ({len(nodes)} node(s), the largest "
+                          f"with {largest:g} CPU); lower eval.cpus_per_actor or eval.num_actors, or use a "
+                          "bigger cluster")
     batches = max(1, math.ceil(rows / cfg.eval.batch_size))
-    return max(1, min(n, batches)), (1.0 if has_gpu else 0.0)
+    return max(1, min(n, batches)), need
+
+
+def _free_room(cfg: PipelineConfig, actors: int, need: dict[str, float]) -> int:
+    """The actors the cluster's free resources hold now, up to ``actors``.
+
+    Waits up to FREE_WAIT_S for them: a pool or a trial that just finished gives its resources back within
+    seconds. What is still held after that is held by other work (a served model keeps its replicas').
+    """
+    import ray
+
+    deadline, told = time.monotonic() + FREE_WAIT_S, False
+    while True:
+        room = _room(ray.available_resources(), need)
+        if room >= actors or cfg.tune.cluster_autoscales or time.monotonic() >= deadline:
+            return min(room, actors)
+        if not told:
+            log.info("evaluate: waiting up to %ds for free resources: %d actor(s) fit what is free now, %d "
+                     "wanted", FREE_WAIT_S, room, actors)
+            told = True
+        time.sleep(1.0)
+
+
+def _start_actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]]:
+    """The actors to start and what each reserves: as many as the cluster holds (_actors), fewer when other
+    work holds part of it, and a UserError (not a wait until the start timeout) when it holds all of it."""
+    import ray
+
+    actors, need = _actors(cfg, rows)
+    room = _free_room(cfg, actors, need)
+    if room >= actors or cfg.tune.cluster_autoscales:
+        return actors, need
+    free = ray.available_resources()
+    held = (f"{free.get('CPU', 0.0):g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
+            + (f", {free.get('GPU', 0.0):g} GPU" if need["GPU"] else ""))
+    if room == 0:
+        raise UserError(f"evaluate: no generation actor ({need['CPU']:g} CPU" + (" and 1 GPU" if need["GPU"] else "")
+                        + f") fits what other work leaves free on this cluster ({held}, after {FREE_WAIT_S}s); a "
+                        "served model keeps its replicas' resources until it is stopped (`serve shutdown`, or "
+                        "Ctrl-C on `ray-qlora serve`); or lower eval.cpus_per_actor")
+    log.warning("evaluate: %d of %d generation actor(s) fit what other work leaves free (%s); going on with %d",
+                room, actors, held, room)
+    return room, need
 
 
 def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
@@ -289,9 +354,9 @@ def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
     """Run one model over the rows on a Ray Data actor pool: {content_hash: prediction, loss...}."""
     import ray
 
-    actors, gpus = _actors(cfg, table.num_rows)
+    actors, need = _start_actors(cfg, table.num_rows)
     log.info("evaluate: %s on %d rows with %d actor(s)%s", model_ref if model_ref == "base" else "tuned model",
-             table.num_rows, actors, " (1 GPU each)" if gpus else "")
+             table.num_rows, actors, " (1 GPU each)" if need["GPU"] else "")
     # One block per batch, one batch in flight per actor, and no rows handed out before
     # every actor has its model loaded: otherwise the first actor up takes the whole queue.
     size = cfg.eval.batch_size
@@ -302,9 +367,13 @@ def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
         ds = ray.data.from_arrow(blocks).map_batches(
             _Generator, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "model_ref": model_ref,
                                                "adapter_uri": adapter_uri},
-            batch_size=size, batch_format="numpy", num_cpus=cfg.eval.cpus_per_actor, num_gpus=gpus,
+            batch_size=size, batch_format="numpy", num_cpus=need["CPU"], num_gpus=need["GPU"],
             compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1))
         rows = ds.take_all()
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(f"evaluate: {actors} generation actor(s) did not start within {ACTOR_START_TIMEOUT_S}s: "
+                        "the resources they reserve were not freed (or loading the model took longer); see "
+                        "`ray status`") from None
     finally:
         ctx.wait_for_min_actors_s = saved
     return {r["content_hash"]: r for r in rows}
