@@ -315,12 +315,13 @@ def _free_room(cfg: PipelineConfig, actors: int, need: dict[str, float]) -> int:
     """
     import ray
 
-    deadline, told = time.monotonic() + FREE_WAIT_S, False
+    start, told = time.monotonic(), False
     while True:
         room = _room(ray.available_resources(), need)
-        if room >= actors or cfg.tune.cluster_autoscales or time.monotonic() >= deadline:
+        waited = time.monotonic() - start
+        if room >= actors or cfg.tune.cluster_autoscales or waited >= FREE_WAIT_S:
             return min(room, actors)
-        if not told:
+        if not told and waited >= 5:  # the last pool's actors take a second or so to go: not worth a line
             log.info("evaluate: waiting up to %ds for free resources: %d actor(s) fit what is free now, %d "
                      "wanted", FREE_WAIT_S, room, actors)
             told = True
