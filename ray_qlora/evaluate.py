@@ -307,7 +307,7 @@ def _actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]]:
     return max(1, min(n, batches)), need
 
 
-def _free_room(cfg: PipelineConfig, actors: int, need: dict[str, float]) -> int:
+def _free_room(actors: int, need: dict[str, float]) -> int:
     """The actors the cluster's free resources hold now, up to ``actors``.
 
     Waits up to FREE_WAIT_S for them: a pool or a trial that just finished gives its resources back within
@@ -319,7 +319,7 @@ def _free_room(cfg: PipelineConfig, actors: int, need: dict[str, float]) -> int:
     while True:
         room = _room(ray.available_resources(), need)
         waited = time.monotonic() - start
-        if room >= actors or cfg.tune.cluster_autoscales or waited >= FREE_WAIT_S:
+        if room >= actors or waited >= FREE_WAIT_S:
             return min(room, actors)
         if not told and waited >= 5:  # the last pool's actors take a second or so to go: not worth a line
             log.info("evaluate: waiting up to %ds for free resources: %d actor(s) fit what is free now, %d "
@@ -334,8 +334,10 @@ def _start_actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]
     import ray
 
     actors, need = _actors(cfg, rows)
-    room = _free_room(cfg, actors, need)
-    if room >= actors or cfg.tune.cluster_autoscales:
+    if cfg.tune.cluster_autoscales:  # what is not free now, new nodes bring
+        return actors, need
+    room = _free_room(actors, need)
+    if room >= actors:
         return actors, need
     free = ray.available_resources()
     held = (f"{free.get('CPU', 0.0):g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
@@ -407,16 +409,12 @@ def check_generation(cfg: PipelineConfig) -> None:
     """ConfigErrors naming the key, before any actor starts, where answers cannot be generated as configured:
     eval.constrained's schema must be one a grammar can follow, and serve.strict_tools (answers held to
     each row's tools, as on the endpoint) needs xgrammar where the actors run, as eval.constrained does."""
-    from ray_qlora.structured import SchemaError, check_installed
+    from ray_qlora.structured import check_installed
 
     if cfg.eval.constrained and cfg.eval.json_schema is not None:
         check_schema_followable(cfg.eval.json_schema)
     if cfg.serve.strict_tools:
-        try:
-            check_installed()
-        except SchemaError as err:
-            raise ConfigError(f"invalid config: serve.strict_tools: evaluation holds calls to their tools, and "
-                              f"{err}; install it, or set serve.strict_tools: false") from None
+        check_installed("serve.strict_tools", "evaluation holds calls to their tools")
 
 
 def check_schema_followable(schema: dict[str, Any]) -> None:

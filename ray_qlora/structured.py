@@ -42,9 +42,14 @@ def _xgrammar() -> Any:
     return xgrammar
 
 
-def check_installed() -> None:
-    """A SchemaError (``missing_library``) unless xgrammar can be imported here."""
-    _xgrammar()
+def check_installed(key: str, needs: str) -> None:
+    """A ConfigError naming the boolean config ``key`` that ``needs`` xgrammar, unless it can be imported here."""
+    from ray_qlora.config import ConfigError
+
+    try:
+        _xgrammar()
+    except SchemaError as err:
+        raise ConfigError(f"invalid config: {key}: {needs}, and {err}; install it, or set {key}: false") from None
 
 
 def _reason(err: Exception) -> str:

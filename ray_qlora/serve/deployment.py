@@ -460,13 +460,8 @@ def build_application(cfg: PipelineConfig, model_uri: str, model_name: str) -> t
 def check_strict_tools(cfg: PipelineConfig) -> None:
     """A ConfigError naming serve.strict_tools when the transformers engine cannot hold calls to their tools
     (no xgrammar here): deployed, it would refuse every request with tools. vLLM brings its own xgrammar."""
-    if not cfg.serve.strict_tools:
-        return
-    try:
-        check_installed()
-    except SchemaError as err:
-        raise ConfigError(f"invalid config: serve.strict_tools: the transformers engine holds calls to their "
-                          f"tools, and {err}; install it, or set serve.strict_tools: false") from None
+    if cfg.serve.strict_tools:
+        check_installed("serve.strict_tools", "the transformers engine holds calls to their tools")
 
 
 def check_fits(cfg: PipelineConfig, engines: int) -> None:
