@@ -241,7 +241,7 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] |
     most_reports = _max_reports(results)
     rows = []
     for r in results:
-        df = r.metrics_dataframe
+        df = _reports(r)
         params = dict(r.config or {})
         trial = r.path.rstrip("/").split("/")[-1]
         if df is None or metric not in df or df[metric].isna().all():
@@ -328,8 +328,15 @@ def _num(x: Any) -> float | None:
     return None if f != f else f
 
 
+def _reports(result: Any) -> Any:
+    """A trial's reports, one per step: a trial retried from an earlier checkpoint reports the steps after
+    it again, and the retry's report is the one its training went on from."""
+    df = result.metrics_dataframe
+    return df.drop_duplicates("step", keep="last") if df is not None and "step" in df else df
+
+
 def _max_reports(results: "ResultGrid") -> int:
-    return max((len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None), default=0)
+    return max((len(df) for df in map(_reports, results) if df is not None), default=0)
 
 
 def _plot_curves(board: list[dict[str, Any]], png_uri: str, cfg: PipelineConfig) -> None:

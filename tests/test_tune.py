@@ -317,3 +317,18 @@ def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_
     else:
         assert all(row["status"] == "completed" and row["last_step"] == 100 for row in board)
     assert max(row["resumed_from_step"] for row in board) >= 10, "restored trials continue from their checkpoints"
+
+
+def test_a_retried_trials_steps_are_counted_once_with_the_retrys_report() -> None:
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ray_qlora.tune import _max_reports, _reports
+
+    # killed after reporting step 20 but before its checkpoint: retried from step 10, it reports 20 again
+    df = pd.DataFrame({"step": [10, 20, 20, 30], "eval_loss": [1.0, 0.9, 0.8, 0.7]})
+    result = SimpleNamespace(metrics_dataframe=df)
+    kept = _reports(result)
+    assert list(kept["step"]) == [10, 20, 30] and list(kept["eval_loss"]) == [1.0, 0.8, 0.7]
+    assert _max_reports([result, SimpleNamespace(metrics_dataframe=None)]) == 3
