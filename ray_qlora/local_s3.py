@@ -16,13 +16,41 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-__all__ = ["LocalS3", "free_port", "local_s3_in_env", "start_local_s3", "use_local_s3"]
+__all__ = ["LocalS3", "free_port", "free_ports", "local_s3_in_env", "start_local_s3", "use_local_s3"]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, *, with_next: bool = False) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 now.
+
+    The sockets stay bound until all are chosen: one closed before the next
+    bind lets the OS hand the same port out twice (CI once gave a Ray head the
+    same port for its dashboard and its agent). ``with_next`` also holds each
+    port's successor, for a caller that uses port+1 too.
+    """
+    held: list[socket.socket] = []
+    chosen: list[int] = []
+    try:
+        while len(chosen) < count:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if with_next:
+                nxt = socket.socket()
+                held.append(nxt)
+                try:
+                    nxt.bind(("127.0.0.1", port + 1))
+                except (OSError, OverflowError):  # its successor is taken (or past 65535): this port stays held, so it is not drawn again
+                    continue
+            chosen.append(port)
+        return chosen
+    finally:
+        for s in held:
+            s.close()
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pytest
 
 from ray_qlora import storage
 from ray_qlora.config import load_config
-from ray_qlora.local_s3 import free_port
+from ray_qlora.local_s3 import free_port, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +64,8 @@ def _cluster_processes(temp: str) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def cluster(local_s3) -> Iterator[dict]:  # noqa: ANN001
     temp = tempfile.mkdtemp(prefix="rq-job-")  # short: Ray's socket paths must stay under 107 bytes
-    ports = {k: str(free_port()) for k in ("GCS_PORT", "DASH_PORT", "CLIENT_PORT")}
-    ports["AGENT_PORT"] = str(free_port())  # the worker's agent takes AGENT_PORT+1
+    # distinct ports, each with its successor free: the worker's agent takes AGENT_PORT+1
+    ports = dict(zip(("GCS_PORT", "DASH_PORT", "CLIENT_PORT", "AGENT_PORT"), map(str, free_ports(4, with_next=True))))
     # The nodes start without this shell's S3 and RAY_QLORA_* settings: the job must get them
     # from its runtime env, as on a real cluster.
     node_env = {k: v for k, v in os.environ.items()

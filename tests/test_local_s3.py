@@ -1,12 +1,36 @@
-"""The embedded store's context manager: the process uses it inside the block, and what it had before after."""
+"""The embedded store's context manager (the process uses it inside the block, and what it had before after),
+and the free ports the tests and the demo start servers on."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
-from ray_qlora.local_s3 import local_s3_in_env
+from ray_qlora.local_s3 import free_ports, local_s3_in_env
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_free_ports_are_distinct_and_free() -> None:
+    ports = free_ports(500)
+    assert len(set(ports)) == 500, "a port handed out twice: two servers would fight over it"
+    assert all(_bindable(p) for p in ports)
+
+
+def test_free_ports_with_next_leave_each_successor_free_and_unchosen() -> None:
+    ports = free_ports(50, with_next=True)
+    assert len(set(ports)) == 50
+    assert not {p + 1 for p in ports} & set(ports), "a port's successor was handed out as another port"
+    assert all(_bindable(p) and _bindable(p + 1) for p in ports)
 
 
 def test_local_s3_in_env_points_the_process_at_it_and_back(monkeypatch: pytest.MonkeyPatch) -> None:
