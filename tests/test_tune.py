@@ -226,7 +226,7 @@ def _trial_pids() -> list[int]:
 
 
 def test_killed_trial_resumes_from_its_checkpoint(root: Path, tiny_model_dir: Path) -> None:
-    run = _prepared_run(root, tiny_model_dir, "killed", training={"max_steps": 60, "eval_steps": 10},
+    run = _prepared_run(root, tiny_model_dir, "killed", training={"max_steps": 40, "eval_steps": 10},
                         tune={"max_failures": 2})
     trials = Path(run.paths.root, "trials")
     outcome: dict[str, Any] = {}
@@ -251,9 +251,9 @@ def test_killed_trial_resumes_from_its_checkpoint(root: Path, tiny_model_dir: Pa
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     (row,) = storage.read_json(outcome["result"]["leaderboard_uri"], run.cfg.storage)
-    assert row["status"] == "completed" and row["last_step"] == 60
+    assert row["status"] == "completed" and row["last_step"] == 40
     assert row["resumed_from_step"] >= 10, "the retried trial must start from its checkpoint, not from step 0"
-    assert row["curve"]["step"] == list(range(10, 61, 10)), "every report before the kill is on its curve"
+    assert row["curve"]["step"] == list(range(10, 41, 10)), "every report before the kill is on its curve"
 
 
 def test_resume_without_an_interrupted_search_says_so(root: Path, tiny_model_dir: Path) -> None:
@@ -291,7 +291,8 @@ def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_
     import yaml
 
     run_id = "resumed-sync" if synchronous else "resumed"
-    run = _prepared_run(root, tiny_model_dir, run_id, training={"max_steps": 100, "eval_steps": 10, "eval_max_examples": 8},
+    # 40 steps: the driver is killed near step 10 (about 45 s in here), long before the end
+    run = _prepared_run(root, tiny_model_dir, run_id, training={"max_steps": 40, "eval_steps": 10, "eval_max_examples": 8},
                         tune={"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}},
                               "asha": {"enabled": synchronous, "synchronous": synchronous}})
     cfg_file = root / f"{run_id}.yaml"
@@ -313,9 +314,9 @@ def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_
     board = storage.read_json(str(Path(run.paths.root, "tune", "leaderboard.json")), run.cfg.storage)
     assert sorted(row["trial"] for row in board) == started, "the same trials, not new ones"
     if synchronous:  # halving may have stopped one at its first rung before the kill; the rest run on
-        assert any(row["status"] == "completed" and row["last_step"] == 100 for row in board)
+        assert any(row["status"] == "completed" and row["last_step"] == 40 for row in board)
     else:
-        assert all(row["status"] == "completed" and row["last_step"] == 100 for row in board)
+        assert all(row["status"] == "completed" and row["last_step"] == 40 for row in board)
     assert max(row["resumed_from_step"] for row in board) >= 10, "restored trials continue from their checkpoints"
 
 
