@@ -44,8 +44,8 @@ def free_ports(count: int, *, with_next: bool = False) -> list[int]:
                 held.append(nxt)
                 try:
                     nxt.bind(("127.0.0.1", port + 1))
-                except (OSError, OverflowError):  # its successor is taken (or past 65535): this port stays held, so it is not drawn again
-                    continue
+                except (OSError, OverflowError):  # successor taken, or past 65535
+                    continue  # this port stays held until the end, so it is not drawn again
             chosen.append(port)
         return chosen
     finally:

@@ -292,7 +292,8 @@ def test_tune_resume_finishes_a_search_whose_driver_was_killed(root: Path, tiny_
 
     run_id = "resumed-sync" if synchronous else "resumed"
     # 40 steps: the driver is killed near step 10 (about 45 s in here), long before the end
-    run = _prepared_run(root, tiny_model_dir, run_id, training={"max_steps": 40, "eval_steps": 10, "eval_max_examples": 8},
+    run = _prepared_run(root, tiny_model_dir, run_id,
+                        training={"max_steps": 40, "eval_steps": 10, "eval_max_examples": 8},
                         tune={"search_space": {"learning_rate": {"values": [1e-3, 1e-2]}},
                               "asha": {"enabled": synchronous, "synchronous": synchronous}})
     cfg_file = root / f"{run_id}.yaml"
