@@ -17,6 +17,8 @@ import re
 from functools import lru_cache
 from typing import Any, Literal
 
+from ray_qlora.config import ConfigError
+
 __all__ = ["GrammarKind", "Grammars", "SchemaError", "check_followable", "check_installed"]
 
 GrammarKind = Literal["json_schema", "structural_tag"]
@@ -44,8 +46,6 @@ def _xgrammar() -> Any:
 
 def check_installed(key: str, needs: str) -> None:
     """A ConfigError naming the boolean config ``key`` that ``needs`` xgrammar, unless it can be imported here."""
-    from ray_qlora.config import ConfigError
-
     try:
         _xgrammar()
     except SchemaError as err:
