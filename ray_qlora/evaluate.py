@@ -307,17 +307,24 @@ def _actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]]:
     return max(1, min(n, batches)), need
 
 
+def _free_per_node() -> list[dict[str, float]]:
+    """What is free now on each live node. An actor lives on one node, so free CPUs split over nodes are
+    counted where they are: 1 free on each of two nodes holds no 2-CPU actor, though the cluster-wide sum
+    (ray.available_resources) says 2 are free."""
+    from ray._private.state import available_resources_per_node  # a DeveloperAPI; Serve's scheduler reads it
+
+    return list(available_resources_per_node().values())
+
+
 def _free_room(actors: int, need: dict[str, float]) -> int:
-    """The actors the cluster's free resources hold now, up to ``actors``.
+    """The actors the nodes' free resources hold now, up to ``actors``.
 
     Waits up to FREE_WAIT_S for them: a pool or a trial that just finished gives its resources back within
     seconds. What is still held after that is held by other work (a served model keeps its replicas').
     """
-    import ray
-
     start, told = time.monotonic(), False
     while True:
-        room = _room(ray.available_resources(), need)
+        room = sum(_room(free, need) for free in _free_per_node())
         waited = time.monotonic() - start
         if room >= actors or waited >= FREE_WAIT_S:
             return min(room, actors)
@@ -328,20 +335,31 @@ def _free_room(actors: int, need: dict[str, float]) -> int:
         time.sleep(1.0)
 
 
+def _free_summary(need: dict[str, float]) -> str:
+    """What is free for the error message: cluster-wide, and on the node with the most free CPUs where the
+    free CPUs are split over several nodes (why a sum that looks big enough holds no actor)."""
+    import ray
+
+    free, nodes = ray.available_resources(), _free_per_node()
+    text = (f"{free.get('CPU', 0.0):g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
+            + (f", {free.get('GPU', 0.0):g} GPU" if need["GPU"] else ""))
+    if sum(1 for n in nodes if n.get("CPU", 0.0) > 0) > 1:
+        most = max(nodes, key=lambda n: n.get("CPU", 0.0))
+        gpus = f" and {most.get('GPU', 0.0):g} GPU" if need["GPU"] else ""
+        text += f"; at most {most.get('CPU', 0.0):g} CPU{gpus} free on one node"
+    return text
+
+
 def _start_actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]]:
     """The actors to start and what each reserves: as many as the cluster holds (_actors), fewer when other
     work holds part of it, and a UserError (not a wait until the start timeout) when it holds all of it."""
-    import ray
-
     actors, need = _actors(cfg, rows)
     if cfg.tune.cluster_autoscales:  # what is not free now, new nodes bring
         return actors, need
     room = _free_room(actors, need)
     if room >= actors:
         return actors, need
-    free = ray.available_resources()
-    held = (f"{free.get('CPU', 0.0):g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
-            + (f", {free.get('GPU', 0.0):g} GPU" if need["GPU"] else ""))
+    held = _free_summary(need)
     if room == 0:
         raise UserError(f"evaluate: no generation actor ({need['CPU']:g} CPU" + (" and 1 GPU" if need["GPU"] else "")
                         + f") fits what other work leaves free on this cluster ({held}, after {FREE_WAIT_S}s); a "

@@ -1,16 +1,19 @@
-"""Trials across a multi-node Ray: one per GPU slot, spread over the nodes, never more at once than slots."""
+"""Work across a multi-node Ray: trials one per GPU slot, spread over the nodes, never more at once than
+slots; evaluate's actors counted on the node that must hold each of them."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+import time
+from typing import Any, Iterator
 
 import pytest
 
-from ray_qlora import storage
+from ray_qlora import evaluate, storage
 from ray_qlora.config import parse_config
 from ray_qlora.data.sample import SYSTEM_PROMPT
 from ray_qlora.demo import upload_sample
+from ray_qlora.errors import UserError
 from ray_qlora.pipeline import Run, run_stage
 
 pytestmark = pytest.mark.integration
@@ -58,3 +61,53 @@ def test_one_trial_per_gpu_slot_across_nodes(tmp_path: Path, tiny_model_dir: Pat
     for start, _, _ in spans:  # at any trial's start: at most one trial per slot, never two on a node
         running = [node for s, e, node in spans if s <= start < e]
         assert len(running) <= 2 and len(set(running)) == len(running)
+
+
+def _hold_one_cpu_on(node_id: str) -> Any:
+    """A live actor reserving 1 CPU on that node, as a Serve replica does while its model is served."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    actor = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+    ray.get(actor.ready.remote())
+    return actor
+
+
+def _until_free_cpus_are(expected: dict[str, float]) -> None:
+    """Wait (10 s at most) until Ray's per-node view shows these free CPUs: it follows actors by a moment."""
+    from ray._private.state import available_resources_per_node
+
+    deadline = time.monotonic() + 10
+    while {n: available_resources_per_node().get(n, {}).get("CPU", 0.0) for n in expected} != expected:
+        assert time.monotonic() < deadline, f"free CPUs never became {expected}: {available_resources_per_node()}"
+        time.sleep(0.2)
+
+
+def test_evaluate_counts_free_cpus_on_the_node_that_would_hold_the_actor(
+        tmp_path: Path, two_gpu_nodes: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 CPU held on each GPU node leaves 4 CPUs and 2 GPUs free in all, which a sum would read as room for
+    two 2-CPU, 1-GPU actors; no single node holds one, so evaluate says so instead of starting a pool
+    that would wait until its start timeout."""
+    import ray
+
+    monkeypatch.setattr(evaluate, "FREE_WAIT_S", 2)
+    cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": [str(tmp_path)]},
+                        "eval": {"batch_size": 1, "cpus_per_actor": 2}})
+    first, second = two_gpu_nodes
+    holders = [_hold_one_cpu_on(first), _hold_one_cpu_on(second)]
+    try:
+        _until_free_cpus_are({first: 1.0, second: 1.0})
+        with pytest.raises(UserError, match=r"no generation actor \(2 CPU and 1 GPU\) fits .*4 of 6 CPU free, 2 GPU;"
+                                            r" at most 2 CPU and 0 GPU free on one node"):
+            evaluate._start_actors(cfg, 10)
+        ray.kill(holders[0])
+        _until_free_cpus_are({first: 2.0, second: 1.0})
+        assert evaluate._start_actors(cfg, 10) == (1, {"CPU": 2.0, "GPU": 1.0})  # the first node holds one
+    finally:
+        for holder in holders:
+            ray.kill(holder)
