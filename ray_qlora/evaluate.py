@@ -28,7 +28,7 @@ import time
 import unicodedata
 from typing import Any, Callable
 
-from ray_qlora import storage
+from ray_qlora import resources, storage
 from ray_qlora.config import ConfigError, PipelineConfig
 from ray_qlora.errors import UserError
 
@@ -278,22 +278,15 @@ def _actor_need(nodes: list[dict[str, float]], cfg: PipelineConfig) -> dict[str,
     return {"CPU": float(cfg.eval.cpus_per_actor), "GPU": gpu}
 
 
-def _room(resources: dict[str, float], need: dict[str, float]) -> int:
-    """How many actors of ``need`` these resources hold."""
-    return min(int(resources.get(k, 0.0) // v) for k, v in need.items() if v)
-
-
 def _actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]]:
     """(actors, what each reserves): one per GPU where the cluster has them, else one per cpus_per_actor CPUs.
 
     A ConfigError with the numbers when no node can hold one actor, or the cluster cannot hold
     eval.num_actors of them (Ray Data would wait for them until its start timeout).
     """
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = resources.live_nodes()
     need = _actor_need(nodes, cfg)
-    capacity = sum(_room(n, need) for n in nodes)
+    capacity = resources.capacity(nodes, need)
     n = capacity if cfg.eval.num_actors == "auto" else cfg.eval.num_actors
     if not cfg.tune.cluster_autoscales and max(n, 1) > capacity:  # an autoscaling one starts nodes on demand
         what = f"{need['CPU']:g} CPU" + (" and 1 GPU" if need["GPU"] else "")
@@ -307,15 +300,6 @@ def _actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]]:
     return max(1, min(n, batches)), need
 
 
-def _free_per_node() -> list[dict[str, float]]:
-    """What is free now on each live node. An actor lives on one node, so free CPUs split over nodes are
-    counted where they are: 1 free on each of two nodes holds no 2-CPU actor, though the cluster-wide sum
-    (ray.available_resources) says 2 are free."""
-    from ray._private.state import available_resources_per_node  # a DeveloperAPI; Serve's scheduler reads it
-
-    return list(available_resources_per_node().values())
-
-
 def _free_room(actors: int, need: dict[str, float]) -> int:
     """The actors the nodes' free resources hold now, up to ``actors``.
 
@@ -324,7 +308,7 @@ def _free_room(actors: int, need: dict[str, float]) -> int:
     """
     start, told = time.monotonic(), False
     while True:
-        room = sum(_room(free, need) for free in _free_per_node())
+        room = resources.capacity(resources.free_per_node(), need)  # per node: free CPUs split over nodes
         waited = time.monotonic() - start
         if room >= actors or waited >= FREE_WAIT_S:
             return min(room, actors)
@@ -340,7 +324,7 @@ def _free_summary(need: dict[str, float]) -> str:
     free CPUs are split over several nodes (why a sum that looks big enough holds no actor)."""
     import ray
 
-    free, nodes = ray.available_resources(), _free_per_node()
+    free, nodes = ray.available_resources(), resources.free_per_node()
     text = (f"{free.get('CPU', 0.0):g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
             + (f", {free.get('GPU', 0.0):g} GPU" if need["GPU"] else ""))
     if sum(1 for n in nodes if n.get("CPU", 0.0) > 0) > 1:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ray_qlora import storage
 from ray_qlora.config import ConfigError, PipelineConfig, SearchDim, tunable_path
 from ray_qlora.errors import StageOrderError
+from ray_qlora.resources import live_nodes
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
@@ -122,9 +123,7 @@ def _callbacks(cfg: PipelineConfig, run: storage.RunPaths) -> list[Any]:
 def preflight(cfg: PipelineConfig, resources: dict[str, float]) -> dict[str, Any]:
     """Before any trial: can some node ever hold one, does the base have the LoRA targets, and does the
     memory plan fit? Raises ConfigError."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = live_nodes()
     need_cpu, need_gpu = resources["cpu"], resources["gpu"]
     if not cfg.tune.cluster_autoscales and not any(
             n.get("CPU", 0) >= need_cpu and n.get("GPU", 0) >= need_gpu for n in nodes):

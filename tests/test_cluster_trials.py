@@ -1,5 +1,5 @@
 """Work across a multi-node Ray: trials one per GPU slot, spread over the nodes, never more at once than
-slots; evaluate's actors counted on the node that must hold each of them."""
+slots; evaluate's actors and Serve's replicas counted on the node that must hold each of them."""
 
 from __future__ import annotations
 
@@ -111,3 +111,23 @@ def test_evaluate_counts_free_cpus_on_the_node_that_would_hold_the_actor(
     finally:
         for holder in holders:
             ray.kill(holder)
+
+
+def test_serve_replicas_are_counted_node_by_node(two_gpu_nodes: list[str]) -> None:
+    """Serve would wait forever for a replica no node has room for, though the cluster's sums have room."""
+    from ray_qlora.config import ConfigError
+    from ray_qlora.serve.deployment import check_fits
+
+    def cfg(**serve: Any) -> Any:
+        return parse_config({"run": {"output_uri": "s3://b/o"}, "data": {"input_uris": ["x"]},
+                             "serve": {"auth": "none", **serve}})
+
+    check_fits(cfg(num_replicas=3, cpus_per_replica=2, gpus_per_replica=0), engines=1)  # one on each node
+    check_fits(cfg(num_replicas=2, cpus_per_replica=1.5), engines=1)  # auto: a GPU each, one per GPU node
+    # 4 x 1.5 = 6 CPUs, the cluster's sum; one per node holds 3
+    with pytest.raises(ConfigError, match=r"4 replica\(s\) .* of 1.5 CPU each do not fit this cluster: its nodes "
+                                          r"hold 3, each replica on one node \(6 CPU, 2 GPU in 3 node\(s\)\)"):
+        check_fits(cfg(num_replicas=4, cpus_per_replica=1.5, gpus_per_replica=0), engines=1)
+    # 4.5 CPUs and 1.5 GPUs of the sums; the head has no GPU, and each GPU node 2 CPUs: room for 2
+    with pytest.raises(ConfigError, match=r"of 1.5 CPU and 0.5 GPU each do not fit this cluster: its nodes hold 2"):
+        check_fits(cfg(num_replicas=3, cpus_per_replica=1.5, gpus_per_replica=0.5), engines=1)

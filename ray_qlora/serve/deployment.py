@@ -27,6 +27,7 @@ from ray_qlora import storage
 from ray_qlora.adapters import NameCache
 from ray_qlora.config import ConfigError, PipelineConfig, parse_config
 from ray_qlora.generation import TokenBias
+from ray_qlora.resources import capacity, live_nodes
 from ray_qlora.serve.multi_adapter import AdapterEngine, LoadedAdapter, parse_model_id
 from ray_qlora.serve.tools import ToolStream, read_calls
 from ray_qlora.structured import Grammars, SchemaError, check_installed
@@ -477,17 +478,18 @@ def check_fits(cfg: PipelineConfig, engines: int) -> None:
     s = cfg.serve
     replicas = engines * (s.autoscaling.min_replicas if s.autoscaling is not None else (s.num_replicas or 1))
     need = {"CPU": s.cpus_per_replica, "GPU": float(_deployment_options(cfg)["ray_actor_options"]["num_gpus"])}
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
-    fits_one = any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes)
-    if fits_one and all(total[k] >= v * replicas for k, v in need.items()):
+    nodes = live_nodes()
+    held = capacity(nodes, need)  # node by node: two 2-CPU nodes hold two 1.5-CPU replicas, not the 4 CPUs' 2.67
+    if held >= replicas:
         return
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
     what = f"{s.cpus_per_replica:g} CPU" + (f" and {need['GPU']:g} GPU" if need["GPU"] else "")
     raise ConfigError(
         f"invalid config: serve: {replicas} replica(s) ({engines} engine(s) x "
-        f"{replicas // engines} at the start) of {what} each do not fit this cluster "
-        f"({total['CPU']:g} CPU, {total['GPU']:g} GPU in {len(nodes)} node(s)); lower serve.cpus_per_replica or "
-        "the replicas, set serve.max_adapters: 0 (no adapters engine), or use a bigger cluster")
+        f"{replicas // engines} at the start) of {what} each do not fit this cluster: its nodes hold {held}, "
+        f"each replica on one node ({total['CPU']:g} CPU, {total['GPU']:g} GPU in {len(nodes)} node(s)); lower "
+        "serve.cpus_per_replica or the replicas, set serve.max_adapters: 0 (no adapters engine), or use a bigger "
+        "cluster")
 
 
 def deploy(cfg: PipelineConfig, run: storage.RunPaths, run_id: str) -> dict[str, Any]:

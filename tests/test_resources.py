@@ -1,0 +1,19 @@
+"""Room counted node by node: how many actors of a given need fit what one node or several hold."""
+
+from __future__ import annotations
+
+from ray_qlora.resources import capacity, room
+
+
+def test_room_is_the_scarcest_resource_and_ignores_what_is_not_asked() -> None:
+    assert room({"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}) == 1  # the GPU runs out first
+    assert room({"CPU": 8.0}, {"CPU": 3.0, "GPU": 0.0}) == 2  # no GPU asked: a GPU-less node holds them
+    assert room({"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 0.5}) == 2  # fractions of a GPU
+    assert room({"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}) == 0  # a GPU asked where there is none
+
+
+def test_capacity_counts_each_actor_on_one_node() -> None:
+    two_small = [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert capacity(two_small, {"CPU": 2.0}) == 0  # 2 CPUs in all, but no node has 2
+    assert capacity([{"CPU": 2.0}, {"CPU": 2.0}], {"CPU": 1.5}) == 2  # not the sum's 2.67
+    assert capacity([], {"CPU": 1.0}) == 0
