@@ -24,6 +24,7 @@ import logging
 import math
 import re
 import string
+import sys
 import time
 import unicodedata
 from typing import Any, Callable
@@ -368,6 +369,8 @@ def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
     blocks = [table.slice(i, size) for i in range(0, table.num_rows, size)] or [table]
     ctx = ray.data.DataContext.get_current()
     saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, ACTOR_START_TIMEOUT_S
+    quiet = _StartTimeoutOffTheConsole()
+    logging.getLogger("ray.data.exceptions").addFilter(quiet)
     try:
         ds = ray.data.from_arrow(blocks).map_batches(
             _Generator, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "model_ref": model_ref,
@@ -381,7 +384,25 @@ def generate_on_cluster(cfg: PipelineConfig, table: Any, model_ref: str,
                         "`ray status`") from None
     finally:
         ctx.wait_for_min_actors_s = saved
+        logging.getLogger("ray.data.exceptions").removeFilter(quiet)
     return {r["content_hash"]: r for r in rows}
+
+
+class _StartTimeoutOffTheConsole(logging.Filter):
+    """Keeps Ray Data's report of a pool that did not start (an "internal code" error and its stack trace)
+    in its log file and off the console, where the UserError above says what to do instead.
+
+    Ray Data logs the report while it handles the timeout, so the exception is the one being handled;
+    ``hide`` is the attribute Ray Data's own console handler filters on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import ray
+
+        handled = sys.exc_info()[1]
+        if isinstance(handled, ray.exceptions.GetTimeoutError) and "starting actors" in str(handled):
+            record.hide = True
+        return True
 
 
 def _score(name: str, cfg: PipelineConfig, table: Any, model_ref: str, adapter_uri: str | None = None,

@@ -5,6 +5,7 @@ user gets instead of a wait until Ray Data's start timeout.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -70,22 +71,30 @@ def test_other_work_holding_every_cpu_is_a_clear_error_not_a_wait(ray_local: Non
 
 
 def test_a_pool_that_never_starts_ends_at_the_start_timeout_with_a_message(
-        ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
     """Where the cluster is said to add nodes on demand nothing is refused up front; a pool that never
-    starts (here: 2-CPU actors while other work holds 3 of 4 CPUs) ends at the start timeout."""
+    starts (here: 2-CPU actors while other work holds 3 of 4 CPUs) ends at the start timeout, with our
+    message alone on the console: Ray Data's stack trace of it goes to its log file only."""
     import pyarrow as pa
     import ray
+    from ray.data._internal.logging import get_log_directory
 
     from ray_qlora import evaluate
 
     monkeypatch.setattr(evaluate, "ACTOR_START_TIMEOUT_S", 3)
     cfg = _cfg(tmp_path, batch_size=2, cpus_per_actor=2).with_overrides({"tune.cluster_autoscales": True})
     holder = _holder(3)
+    capfd.readouterr()
     try:
         with pytest.raises(UserError, match=r"2 generation actor\(s\) did not start within 3s.*ray status"):
             evaluate.generate_on_cluster(cfg, pa.table({"content_hash": [f"h{i}" for i in range(8)]}), "base")
     finally:
         ray.kill(holder)
+    console = capfd.readouterr()
+    assert "Traceback" not in console.err + console.out and "internal code" not in console.err + console.out
+    logged = "".join(p.read_text() for p in Path(get_log_directory()).glob("ray-data*.log"))
+    assert "Timed out while starting actors" in logged, "the trace is kept where Ray Data keeps its logs"
+    assert not logging.getLogger("ray.data.exceptions").filters, "the filter goes with the pool"
 
 
 def test_a_pool_shrinks_to_what_is_free_and_waits_for_what_is_being_given_back(
