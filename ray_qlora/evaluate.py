@@ -320,18 +320,19 @@ def _free_room(actors: int, need: dict[str, float]) -> int:
         time.sleep(1.0)
 
 
-def _free_summary(need: dict[str, float]) -> str:
-    """What is free for the error message: cluster-wide, and on the node with the most free CPUs where the
-    free CPUs are split over several nodes (why a sum that looks big enough holds no actor)."""
+def _free_summary(need: dict[str, float], shown: int = 8) -> str:
+    """What is free for the error message: cluster-wide, and node by node where several nodes have some
+    (why a sum that looks big enough holds no actor); the ``shown`` nodes with the most free CPUs."""
     import ray
 
     free, nodes = ray.available_resources(), resources.free_per_node()
     text = (f"{free.get('CPU', 0.0):g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
             + (f", {free.get('GPU', 0.0):g} GPU" if need["GPU"] else ""))
-    if sum(1 for n in nodes if n.get("CPU", 0.0) > 0) > 1:
-        most = max(nodes, key=lambda n: n.get("CPU", 0.0))
-        gpus = f" and {most.get('GPU', 0.0):g} GPU" if need["GPU"] else ""
-        text += f"; at most {most.get('CPU', 0.0):g} CPU{gpus} free on one node"
+    some = sorted((n for n in nodes if n.get("CPU", 0.0) > 0), key=lambda n: -n.get("CPU", 0.0))
+    if len(some) > 1:
+        each = [f"{n.get('CPU', 0.0):g} CPU" + (f" + {n.get('GPU', 0.0):g} GPU" if need["GPU"] else "")
+                for n in some[:shown]]
+        text += "; free on each node: " + ", ".join(each) + (", ..." if len(some) > shown else "")
     return text
 
 
@@ -347,7 +348,7 @@ def _start_actors(cfg: PipelineConfig, rows: int) -> tuple[int, dict[str, float]
     held = _free_summary(need)
     if room == 0:
         raise UserError(f"evaluate: no generation actor ({need['CPU']:g} CPU" + (" and 1 GPU" if need["GPU"] else "")
-                        + f") fits what other work leaves free on this cluster ({held}, after {FREE_WAIT_S}s); a "
+                        + f") fits what other work leaves free on this cluster ({held}; waited {FREE_WAIT_S}s); a "
                         "served model keeps its replicas' resources until it is stopped (`serve shutdown`, or "
                         "Ctrl-C on `ray-qlora serve`); or lower eval.cpus_per_actor")
     log.warning("evaluate: %d of %d generation actor(s) fit what other work leaves free (%s); going on with %d",

@@ -103,7 +103,8 @@ def test_evaluate_counts_free_cpus_on_the_node_that_would_hold_the_actor(
     try:
         _until_free_cpus_are({first: 1.0, second: 1.0})
         with pytest.raises(UserError, match=r"no generation actor \(2 CPU and 1 GPU\) fits .*4 of 6 CPU free, 2 GPU;"
-                                            r" at most 2 CPU and 0 GPU free on one node"):
+                                            r" free on each node: 2 CPU \+ 0 GPU, 1 CPU \+ 1 GPU, 1 CPU \+ 1 GPU;"
+                                            r" waited 2s\)"):
             evaluate._start_actors(cfg, 10)
         ray.kill(holders[0])
         _until_free_cpus_are({first: 2.0, second: 1.0})

@@ -479,7 +479,7 @@ def check_fits(cfg: PipelineConfig, engines: int) -> None:
     replicas = engines * (s.autoscaling.min_replicas if s.autoscaling is not None else (s.num_replicas or 1))
     need = {"CPU": s.cpus_per_replica, "GPU": float(_deployment_options(cfg)["ray_actor_options"]["num_gpus"])}
     nodes = live_nodes()
-    held = capacity(nodes, need)  # node by node: two 2-CPU nodes hold two 1.5-CPU replicas, not the 4 CPUs' 2.67
+    held = capacity(nodes, need)  # node by node: three 2-CPU nodes hold three 1.5-CPU replicas, not 6 CPUs' four
     if held >= replicas:
         return
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
