@@ -3,8 +3,8 @@ slots; evaluate's actors and Serve's replicas counted on the node that must hold
 
 from __future__ import annotations
 
-from pathlib import Path
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
