@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ray_qlora import storage
 from ray_qlora.config import ConfigError, PipelineConfig, SearchDim, tunable_path
 from ray_qlora.errors import StageOrderError
-from ray_qlora.resources import live_nodes
+from ray_qlora.resources import live_nodes, room
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
@@ -126,7 +126,7 @@ def preflight(cfg: PipelineConfig, resources: dict[str, float]) -> dict[str, Any
     nodes = live_nodes()
     need_cpu, need_gpu = resources["cpu"], resources["gpu"]
     if not cfg.tune.cluster_autoscales and not any(
-            n.get("CPU", 0) >= need_cpu and n.get("GPU", 0) >= need_gpu for n in nodes):
+            room(n, {"CPU": need_cpu, "GPU": need_gpu}) > 0 for n in nodes):
         most_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
         most_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
         raise ConfigError(
