@@ -325,9 +325,10 @@ def _free_summary(need: dict[str, float], shown: int = 8) -> str:
     (why a sum that looks big enough holds no actor); the ``shown`` nodes with the most free CPUs."""
     import ray
 
-    free, nodes = ray.available_resources(), resources.free_per_node()
-    text = (f"{free.get('CPU', 0.0):g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
-            + (f", {free.get('GPU', 0.0):g} GPU" if need["GPU"] else ""))
+    nodes = resources.free_per_node()  # one read: the cluster-wide figure is its sum, so the two agree
+    free = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    text = (f"{free['CPU']:g} of {ray.cluster_resources().get('CPU', 0.0):g} CPU free"
+            + (f", {free['GPU']:g} GPU" if need["GPU"] else ""))
     some = sorted((n for n in nodes if n.get("CPU", 0.0) > 0), key=lambda n: -n.get("CPU", 0.0))
     if len(some) > 1:
         each = [f"{n.get('CPU', 0.0):g} CPU" + (f" + {n.get('GPU', 0.0):g} GPU" if need["GPU"] else "")
