@@ -102,3 +102,20 @@ def ray_local(local_s3: object) -> Iterator[None]:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
+
+
+def hold_cpus(cpus: float, node_id: str | None = None) -> object:
+    """A live actor reserving ``cpus`` CPUs (on that node, if named), as a Serve replica does for as long
+    as its model is served; returned once it holds them (``ray.kill`` it to give them back)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=cpus)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    pin = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else "DEFAULT"
+    actor = Holder.options(scheduling_strategy=pin).remote()
+    ray.get(actor.ready.remote())
+    return actor

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from conftest import hold_cpus
 from ray_qlora import evaluate, storage
 from ray_qlora.config import parse_config
 from ray_qlora.data.sample import SYSTEM_PROMPT
@@ -63,21 +64,6 @@ def test_one_trial_per_gpu_slot_across_nodes(tmp_path: Path, tiny_model_dir: Pat
         assert len(running) <= 2 and len(set(running)) == len(running)
 
 
-def _hold_one_cpu_on(node_id: str) -> Any:
-    """A live actor reserving 1 CPU on that node, as a Serve replica does while its model is served."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    @ray.remote(num_cpus=1)
-    class Holder:
-        def ready(self) -> bool:
-            return True
-
-    actor = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
-    ray.get(actor.ready.remote())
-    return actor
-
-
 def _until_free_cpus_are(expected: dict[str, float]) -> None:
     """Wait (10 s at most) until Ray's per-node view shows these free CPUs: it follows actors by a moment."""
     from ray._private.state import available_resources_per_node
@@ -99,7 +85,7 @@ def test_evaluate_counts_free_cpus_on_the_node_that_would_hold_the_actor(
     cfg = parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": [str(tmp_path)]},
                         "eval": {"batch_size": 1, "cpus_per_actor": 2}})
     first, second = two_gpu_nodes
-    holders = [_hold_one_cpu_on(first), _hold_one_cpu_on(second)]
+    holders = [hold_cpus(1, first), hold_cpus(1, second)]
     try:
         _until_free_cpus_are({first: 1.0, second: 1.0})
         with pytest.raises(UserError, match=r"no generation actor \(2 CPU and 1 GPU\) fits .*4 of 6 CPU free, 2 GPU;"

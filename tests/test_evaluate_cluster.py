@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from conftest import hold_cpus
 from ray_qlora.config import ConfigError, parse_config
 from ray_qlora.errors import UserError
 
@@ -21,20 +22,6 @@ pytestmark = pytest.mark.integration
 def _cfg(tmp_path: Path, **eval_cfg: Any) -> Any:
     return parse_config({"run": {"output_uri": str(tmp_path)}, "data": {"input_uris": [str(tmp_path)]},
                          "eval": eval_cfg})
-
-
-def _holder(cpus: float) -> Any:
-    """A live actor reserving ``cpus`` CPUs, as a Serve replica does for as long as its model is served."""
-    import ray
-
-    @ray.remote(num_cpus=cpus)
-    class Holder:
-        def ready(self) -> bool:
-            return True
-
-    actor = Holder.remote()
-    ray.get(actor.ready.remote())
-    return actor
 
 
 def test_actors_are_counted_from_the_nodes_and_impossible_pools_name_the_key(ray_local: None,
@@ -61,7 +48,7 @@ def test_other_work_holding_every_cpu_is_a_clear_error_not_a_wait(ray_local: Non
 
     monkeypatch.setattr(evaluate, "FREE_WAIT_S", 2)
     table = pa.table({"content_hash": [f"h{i}" for i in range(8)]})
-    holder = _holder(4)
+    holder = hold_cpus(4)
     try:
         with pytest.raises(UserError, match=r"no generation actor \(1 CPU\) fits .*0 of 4 CPU free.*serve "
                                             r"shutdown"):
@@ -94,7 +81,7 @@ def test_a_pool_that_never_starts_ends_at_the_start_timeout_with_a_message(
     cfg = _cfg(tmp_path, batch_size=2, cpus_per_actor=2).with_overrides({"tune.cluster_autoscales": True})
     seen = _Records()
     logging.getLogger("ray.data").addHandler(seen)
-    holder = _holder(3)
+    holder = hold_cpus(3)
     capfd.readouterr()
     try:
         with pytest.raises(UserError, match=r"2 generation actor\(s\) did not start within 3s.*ray status"):
@@ -121,13 +108,13 @@ def test_a_pool_shrinks_to_what_is_free_and_waits_for_what_is_being_given_back(
 
     cfg = _cfg(tmp_path, batch_size=1)
     monkeypatch.setattr(evaluate, "FREE_WAIT_S", 2)
-    holder = _holder(3)
+    holder = hold_cpus(3)
     try:
         assert evaluate._start_actors(cfg, 10)[0] == 1  # 1 CPU of 4 free: one actor, not a wait for four
     finally:
         ray.kill(holder)
     # resources given back while evaluate waits (a pool or trial that just ended) are waited for
     monkeypatch.setattr(evaluate, "FREE_WAIT_S", 60)
-    holder = _holder(4)
+    holder = hold_cpus(4)
     threading.Timer(2.0, ray.kill, args=(holder,)).start()
     assert evaluate._start_actors(cfg, 10)[0] == 4
