@@ -373,12 +373,30 @@ def _restore(out: str) -> str | None:
     return str(local)
 
 
+def _log_to_driver() -> None:
+    """Show this package's INFO lines in a trial's worker process.
+
+    A Ray worker starts with Python's default logging, which prints warnings only, so what the trial
+    chose and why (checkpointing, liger, micro-batch, threads) never reached the user. Ray forwards the
+    worker's stderr to the driver's output, prefixed with the trial's name.
+    """
+    pkg = logging.getLogger("ray_qlora")
+    if pkg.handlers:  # a second trial in a reused worker
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False  # once, through this handler, whatever the root logger has
+
+
 def train_trial(params: dict[str, Any], cfg_json: str, run_root: str) -> None:
     """Tune trainable: ``params`` holds the sampled values; the config and run come via tune.with_parameters."""
     import torch
 
     from ray_qlora.modeling import pick_device, resolve_base
 
+    _log_to_driver()
     cfg = apply_trial_params(parse_config(json.loads(cfg_json)), params)
     run = storage.RunPaths(run_root)
     device = pick_device()

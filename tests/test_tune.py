@@ -88,6 +88,7 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
                          "lora.r": {"randint": [2, 6]}},
         "max_failures": 0, "mlflow": {"enabled": True, "tracking_uri": f"sqlite:///{root}/mlflow.db",
                                       "experiment": "mixed"}})
+    started = time.time()
     result = run_stage(run, "tune")
     board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
     assert [row["status"] for row in board] == ["completed", "error"]  # best first, the failure last
@@ -97,6 +98,9 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
     assert "LlamaRMSNorm" in failed["error"] and "is not supported" in failed["error"]  # peft's own message
     assert result["failed_trials"] == 1 and result["best_params"] == ok["params"]
     assert ok["tokens_per_s"] > 0 and ok["peak_memory_gib"] > 0 and ok["wall_s"] > 0
+    # What the trial chose and why reaches the output Ray forwards to the driver (the trials' worker logs).
+    told = "".join(_worker_output_since(started))
+    assert "INFO ray_qlora.train: train: liger kernels off: needs a GPU" in told
     csv = Path(run.paths.root, "tune", "leaderboard.csv").read_text().splitlines()
     assert csv[0].startswith("rank,trial,status,lora.r,lora.target_modules,eval_loss")
     assert len(csv) == 3 and ",error," in csv[2]
@@ -107,6 +111,15 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
     assert len(runs) == 2
     (logged,) = [r for r in runs if r.data.params.get("lora.target_modules") == "q_proj,v_proj"]
     assert logged.data.metrics["eval_loss"] == pytest.approx(ok["curve"]["eval_loss"][-1])
+
+
+def _worker_output_since(t: float) -> list[str]:
+    """stdout and stderr of the local Ray's worker processes written since ``t`` (Ray forwards them to the
+    driver's output)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return [f.read_text(errors="replace") for f in logs.glob("worker-*") if f.stat().st_mtime >= t]
 
 
 def test_synchronous_halving_judges_every_trial_at_each_rung(root: Path, tiny_model_dir: Path) -> None:
