@@ -302,6 +302,10 @@ class TuneConfig(_Strict):
     max_concurrent_trials: int = Field(2, ge=1, description="Trials run at once (the cluster's CPUs and GPUs "
                                                             "may allow fewer).")
     cpus_per_trial: int = Field(1, ge=1, description="CPUs a trial reserves (its torch threads on a CPU).")
+    borrow_idle_cpus: bool = Field(
+        True, description="On a CPU, a trial also runs threads on CPUs no one holds on its node (those of "
+                          "trials ASHA stopped, with none left to start), and gives them back at its next "
+                          "step once Ray places work there.")
     gpus_per_trial: float | Literal["auto"] = Field(
         "auto", description="GPUs a trial reserves (a fraction shares one); 'auto': 1 when the cluster has GPUs, "
                             "else 0.")

@@ -6,7 +6,7 @@ An actor (a trial, a generation actor, a Serve replica) lives on one node, so ro
 
 from __future__ import annotations
 
-__all__ = ["capacity", "free_per_node", "live_nodes", "room"]
+__all__ = ["capacity", "cpu_threads", "free_per_node", "live_nodes", "node_cpus", "room"]
 
 
 def live_nodes() -> list[dict[str, float]]:
@@ -32,3 +32,25 @@ def room(resources: dict[str, float], need: dict[str, float]) -> int:
 def capacity(nodes: list[dict[str, float]], need: dict[str, float]) -> int:
     """How many actors of ``need`` these nodes hold between them, each on a single node."""
     return sum(room(node, need) for node in nodes)
+
+
+def node_cpus(node_id: str) -> tuple[float, float]:
+    """The CPUs of node ``node_id``: (in all, free now)."""
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    total = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
+    return total, available_resources_per_node().get(node_id, {}).get("CPU", 0.0)
+
+
+def cpu_threads(reserved: int, node_total: float, node_free: float) -> int:
+    """Threads for a CPU worker holding ``reserved`` CPUs on a node where ``node_free`` of ``node_total``
+    are held by no one: its own, plus an even share of the free ones.
+
+    Every ``reserved`` CPUs held on the node count as one more worker that may take its share too, so
+    other work on the node (a served model's replica, a data task) makes each worker take less, never
+    more: two cores are never asked to run three threads.
+    """
+    held = max(node_total - node_free, float(reserved))
+    sharers = max(1, int(held // reserved))
+    return reserved + int(max(node_free, 0.0) // sharers)

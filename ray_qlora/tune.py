@@ -256,6 +256,7 @@ def _leaderboard(results: "ResultGrid", cfg: PipelineConfig, stopped: set[str] |
             metric: float(best[metric]), "best_eval_loss": float(best["eval_loss"]),
             "best_step": int(best["step"]), "last_step": int(last["step"]), "reports": int(len(df)),
             "tokens_per_s": _num(last.get("tokens_per_s")), "peak_memory_gib": _num(last.get("peak_memory_gib")),
+            "cpu_threads": _most(df, "cpu_threads"),
             "wall_s": _num(last.get("time_total_s")), "resumed_from_step": int(df["resumed_from_step"].max() or 0)
             if "resumed_from_step" in df else 0,
             "error": _first_line(r.error) if r.error else None,
@@ -293,7 +294,7 @@ def _write_leaderboard(board: list[dict[str, Any]], run: storage.RunPaths, cfg: 
     storage.write_json(storage.join(run.root, "tune", "leaderboard.json"), board, cfg.storage)
     params = sorted({k for row in board for k in row["params"]})
     cols = ["rank", "trial", "status", *params, cfg.tune.metric, "best_eval_loss", "best_step", "last_step",
-            "tokens_per_s", "peak_memory_gib", "wall_s", "resumed_from_step", "error"]
+            "tokens_per_s", "peak_memory_gib", "cpu_threads", "wall_s", "resumed_from_step", "error"]
     buf = io.StringIO()
     out = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(cols)), extrasaction="ignore")
     out.writeheader()
@@ -325,6 +326,14 @@ def _num(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if f != f else f
+
+
+def _most(df: Any, column: str) -> int | None:
+    """The largest whole value a trial reported in ``column``; None where it reported none (a GPU trial's
+    CPU threads)."""
+    if column not in df or df[column].isna().all():
+        return None
+    return int(df[column].max())
 
 
 def _reports(result: Any) -> Any:

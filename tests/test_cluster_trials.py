@@ -100,6 +100,45 @@ def test_evaluate_counts_free_cpus_on_the_node_that_would_hold_the_actor(
             ray.kill(holder)
 
 
+def test_a_cpu_trial_runs_threads_on_idle_cpus_of_its_node_and_gives_them_back(two_gpu_nodes: list[str]) -> None:
+    """A 1-CPU trial on a 2-CPU node trains on both while the other CPU is idle (its sibling stopped),
+    drops to one thread once Ray places an actor there, and takes it again when that actor is gone."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    first = two_gpu_nodes[0]
+
+    @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(first, soft=False))
+    class Trial:
+        def __init__(self) -> None:
+            from ray_qlora.train import idle_cpus_callback
+
+            self.callback = idle_cpus_callback(reserved=1, every_s=0)
+
+        def step(self) -> int:
+            import torch
+            from transformers import TrainerState
+
+            self.callback.on_step_begin(None, TrainerState(), None)
+            return torch.get_num_threads()
+
+    def threads_become(expected: int) -> None:  # Ray's per-node view follows actors by a moment
+        deadline = time.monotonic() + 10
+        while (threads := ray.get(trial.step.remote())) != expected:
+            assert time.monotonic() < deadline, f"{threads} torch threads, never {expected}"
+            time.sleep(0.2)
+
+    trial = Trial.remote()
+    try:
+        threads_become(2)
+        holder = hold_cpus(1, first)
+        threads_become(1)
+        ray.kill(holder)
+        threads_become(2)
+    finally:
+        ray.kill(trial)
+
+
 def test_serve_replicas_are_counted_node_by_node(two_gpu_nodes: list[str]) -> None:
     """Serve would wait forever for a replica no node has room for, though the cluster's sums have room."""
     from ray_qlora.config import ConfigError

@@ -98,9 +98,12 @@ def test_failed_trial_is_on_the_leaderboard_and_the_search_goes_on(root: Path, t
     assert "LlamaRMSNorm" in failed["error"] and "is not supported" in failed["error"]  # peft's own message
     assert result["failed_trials"] == 1 and result["best_params"] == ok["params"]
     assert ok["tokens_per_s"] > 0 and ok["peak_memory_gib"] > 0 and ok["wall_s"] > 0
+    # 2 of Ray's 4 CPUs held by the trials at most: each ran threads on its share of the rest
+    assert ok["cpu_threads"] >= 2
     # What the trial chose and why reaches the output Ray forwards to the driver (the trials' worker logs).
     told = "".join(_worker_output_since(started))
     assert "INFO ray_qlora.train: train: liger kernels off: needs a GPU" in told
+    assert re.search(r"ray_qlora\.train: train: [2-4] torch threads from step 0 \(1 reserved, [1-3] of 4 CPUs free", told)
     csv = Path(run.paths.root, "tune", "leaderboard.csv").read_text().splitlines()
     assert csv[0].startswith("rank,trial,status,lora.r,lora.target_modules,eval_loss")
     assert len(csv) == 3 and ",error," in csv[2]
@@ -126,7 +129,7 @@ def test_synchronous_halving_judges_every_trial_at_each_rung(root: Path, tiny_mo
     # 4 trials of 4 reports, rungs at reports 1 and 2 (steps 2 and 4), keep the best half at each.
     lrs = [1e-4, 1e-3, 1e-2, 5e-2]
     run = _prepared_run(root, tiny_model_dir, "sha", training={"max_steps": 8, "eval_steps": 2}, tune={
-        "search_space": {"learning_rate": {"values": lrs}}, "max_concurrent_trials": 2,
+        "search_space": {"learning_rate": {"values": lrs}}, "max_concurrent_trials": 2, "borrow_idle_cpus": False,
         "asha": {"enabled": True, "synchronous": True, "grace_period": 1, "reduction_factor": 2}})
     result = run_stage(run, "tune")
     board = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
@@ -134,6 +137,7 @@ def test_synchronous_halving_judges_every_trial_at_each_rung(root: Path, tiny_mo
             for row in board}
     last = {row["params"]["learning_rate"]: row["last_step"] for row in board}
     assert sorted(last.values()) == [2, 2, 4, 8]
+    assert {row["cpu_threads"] for row in board} == {1}  # borrowing off: each trial keeps to its own CPU
     # Judged against the whole cohort: the two stopped at step 2 had the two worst losses there.
     at_2 = sorted(lrs, key=lambda lr: loss[lr][2])
     assert {last[lr] for lr in at_2[2:]} == {2} and {last[lr] for lr in at_2[:2]} == {4, 8}
