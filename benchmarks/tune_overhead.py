@@ -7,6 +7,10 @@ imports the libraries and trains (``--bare RUN_ROOT CONFIG_JSON``). The Tune
 side is the whole tune stage: the pre-flight plan, the trial's worker, a
 checkpoint (adapter + optimizer state) uploaded at every evaluation, the
 leaderboard and plot. Prints both times and their ratio (target <= 1.10).
+Then the same trial again with ``tune.borrow_idle_cpus`` on (the default):
+alone on a 2-CPU Ray, it also runs a thread on the CPU no one holds, as a
+search's last trial does once ASHA has stopped the others; prints its time
+over the one-thread time.
 
     python benchmarks/tune_overhead.py                       # SmolLM2-135M, 30 steps
     python benchmarks/tune_overhead.py --base DIR --steps 6  # smoke (what the tests run)
@@ -55,6 +59,18 @@ def _bare_process(run_root: str, cfg_json: str) -> None:
             trainer.evaluate()
 
 
+def _timed_tune(run: Any) -> tuple[float, int]:
+    """Seconds for the whole tune stage of a prepared run, and the most CPU threads its trial ran on."""
+    from ray_qlora import storage
+    from ray_qlora.pipeline import run_stage
+
+    start = time.perf_counter()
+    result = run_stage(run, "tune")
+    seconds = time.perf_counter() - start
+    (row,) = storage.read_json(result["leaderboard_uri"], run.cfg.storage)
+    return seconds, row["cpu_threads"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="smollm2-135m-instruct")
@@ -68,26 +84,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import ray
 
     from _runs import prepared_run, start_ray
-    from ray_qlora.pipeline import run_stage
 
-    eval_steps = max(1, args.steps // 3)
+    training = {"max_steps": args.steps, "eval_steps": max(1, args.steps // 3), "gradient_checkpointing": False}
     with tempfile.TemporaryDirectory() as tmp:
         start_ray(2)
         try:
-            run = prepared_run(Path(tmp), args.base, "overhead",
-                               training={"max_steps": args.steps, "eval_steps": eval_steps,
-                                         "gradient_checkpointing": False},
-                               tune={"asha": {"enabled": False}})
-            t_bare = bare(run)
-            start = time.perf_counter()
-            run_stage(run, "tune")
-            t_tune = time.perf_counter() - start
+            runs = {borrow: prepared_run(Path(tmp), args.base, "borrow" if borrow else "overhead", training=training,
+                                         tune={"asha": {"enabled": False}, "borrow_idle_cpus": borrow})
+                    for borrow in (False, True)}
+            # one thread on both sides: the trial borrows no idle CPU the bare run lacks
+            t_bare = bare(runs[False])
+            t_tune, threads = _timed_tune(runs[False])
+            # the default: the lone trial also runs a thread on the CPU of the 2 that no one holds
+            t_borrow, borrow_threads = _timed_tune(runs[True])
         finally:
             ray.shutdown()
     ratio = t_tune / t_bare
     print(f"bare SFTTrainer: {t_bare:.1f}s   one trial under Tune (whole stage): {t_tune:.1f}s   "
           f"ratio {ratio:.2f}  (target <= 1.10)")
-    return {"bare_s": t_bare, "tune_s": t_tune, "ratio": ratio}
+    print(f"the same trial borrowing the idle CPU (tune.borrow_idle_cpus, the default): {t_borrow:.1f}s on "
+          f"{borrow_threads} threads   ratio to {threads} thread {t_borrow / t_tune:.2f}")
+    return {"bare_s": t_bare, "tune_s": t_tune, "ratio": ratio, "threads": threads, "borrow_s": t_borrow,
+            "borrow_threads": borrow_threads, "borrow_ratio": t_borrow / t_tune}
 
 
 if __name__ == "__main__":

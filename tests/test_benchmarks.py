@@ -56,7 +56,10 @@ def test_train_throughput_smoke(capsys) -> None:  # noqa: ANN001
 
 def test_tune_overhead_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
     out = _load("tune_overhead").main(["--base", str(tiny_model_dir), "--steps", "4"])
-    assert out["bare_s"] > 0 and out["tune_s"] > 0 and "ratio" in capsys.readouterr().out
+    assert out["bare_s"] > 0 and out["tune_s"] > 0 and out["borrow_s"] > 0
+    assert (out["threads"], out["borrow_threads"]) == (1, 2)  # alone on a 2-CPU Ray: borrowing took the other
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "borrowing the idle CPU" in printed
 
 
 def test_asha_vs_grid_smoke(tiny_model_dir: Path, capsys) -> None:  # noqa: ANN001
