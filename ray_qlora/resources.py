@@ -43,9 +43,10 @@ def node_cpus(node_id: str) -> tuple[float, float]:
     return total, available_resources_per_node().get(node_id, {}).get("CPU", 0.0)
 
 
-def cpu_threads(reserved: int, node_total: float, node_free: float) -> int:
+def cpu_threads(reserved: int, node_total: float, node_free: float, cores: int | None = None) -> int:
     """Threads for a CPU worker holding ``reserved`` CPUs on a node where ``node_free`` of ``node_total``
-    are held by no one: its own, plus an even share of the free ones.
+    are held by no one: its own, plus an even share of the free ones, and no more than the node's
+    ``cores`` (Ray may be told of more CPUs than the machine has).
 
     Every ``reserved`` CPUs held on the node count as one more worker that may take its share too, so
     other work on the node (a served model's replica, a data task) makes each worker take less, never
@@ -53,4 +54,5 @@ def cpu_threads(reserved: int, node_total: float, node_free: float) -> int:
     """
     held = max(node_total - node_free, float(reserved))
     sharers = max(1, int(held // reserved))
-    return reserved + int(max(node_free, 0.0) // sharers)
+    threads = reserved + int(max(node_free, 0.0) // sharers)
+    return max(reserved, min(threads, cores)) if cores else threads

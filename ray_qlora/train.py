@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -392,7 +393,7 @@ def idle_cpus_callback(reserved: int, every_s: float = 5.0) -> "TrainerCallback"
                 return
             self.read_at = time.monotonic()
             total, free = node_cpus(self.node_id)
-            threads = cpu_threads(reserved, total, free)
+            threads = cpu_threads(reserved, total, free, cores=os.cpu_count())
             if threads != self.threads:
                 log.info("train: %d torch threads from step %d (%d reserved, %g of %g CPUs free on this node)",
                          threads, state.global_step, reserved, free, total)

@@ -27,3 +27,5 @@ def test_a_cpu_worker_borrows_its_share_of_the_free_cpus_on_its_node() -> None:
     assert cpu_threads(1, node_total=4, node_free=1) == 1  # 3 held: as many takers as reservations
     assert cpu_threads(1, node_total=2, node_free=0.5) == 1  # half a CPU free is no thread
     assert cpu_threads(3, node_total=3, node_free=0) == 3  # never fewer than its own
+    assert cpu_threads(1, node_total=8, node_free=7, cores=2) == 2  # Ray told of 8 CPUs on a 2-core machine
+    assert cpu_threads(4, node_total=8, node_free=4, cores=2) == 4  # the reservation stands, as asked
