@@ -6,7 +6,7 @@ An actor (a trial, a generation actor, a Serve replica) lives on one node, so ro
 
 from __future__ import annotations
 
-__all__ = ["capacity", "cpu_threads", "free_per_node", "live_nodes", "node_cpus", "room"]
+__all__ = ["capacity", "cpu_threads", "free_per_node", "live_nodes", "node_free_cpus", "node_total_cpus", "room"]
 
 
 def live_nodes() -> list[dict[str, float]]:
@@ -34,13 +34,18 @@ def capacity(nodes: list[dict[str, float]], need: dict[str, float]) -> int:
     return sum(room(node, need) for node in nodes)
 
 
-def node_cpus(node_id: str) -> tuple[float, float]:
-    """The CPUs of node ``node_id``: (in all, free now)."""
+def node_total_cpus(node_id: str) -> float:
+    """The CPUs node ``node_id`` has in all (fixed for the node's life)."""
     import ray
+
+    return next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
+
+
+def node_free_cpus(node_id: str) -> float:
+    """The CPUs no one holds on node ``node_id`` now."""
     from ray._private.state import available_resources_per_node
 
-    total = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
-    return total, available_resources_per_node().get(node_id, {}).get("CPU", 0.0)
+    return available_resources_per_node().get(node_id, {}).get("CPU", 0.0)
 
 
 def cpu_threads(reserved: int, node_total: float, node_free: float, cores: int | None = None) -> int:

@@ -378,13 +378,14 @@ def idle_cpus_callback(reserved: int, every_s: float = 5.0) -> "TrainerCallback"
     import torch
     from transformers import TrainerCallback
 
-    from ray_qlora.resources import cpu_threads, node_cpus
+    from ray_qlora.resources import cpu_threads, node_free_cpus, node_total_cpus
 
     class _IdleCpus(TrainerCallback):
         def __init__(self) -> None:
             import ray
 
             self.node_id = ray.get_runtime_context().get_node_id()
+            self.total = node_total_cpus(self.node_id)  # read once: only what is free changes
             self.threads = reserved
             self.read_at = float("-inf")
 
@@ -392,11 +393,11 @@ def idle_cpus_callback(reserved: int, every_s: float = 5.0) -> "TrainerCallback"
             if time.monotonic() - self.read_at < every_s:
                 return
             self.read_at = time.monotonic()
-            total, free = node_cpus(self.node_id)
-            threads = cpu_threads(reserved, total, free, cores=os.cpu_count())
+            free = node_free_cpus(self.node_id)
+            threads = cpu_threads(reserved, self.total, free, cores=os.cpu_count())
             if threads != self.threads:
                 log.info("train: %d torch threads from step %d (%d reserved, %g of %g CPUs free on this node)",
-                         threads, state.global_step, reserved, free, total)
+                         threads, state.global_step, reserved, free, self.total)
                 torch.set_num_threads(threads)
                 self.threads = threads
 
