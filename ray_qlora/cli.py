@@ -178,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--sample", choices=["orders", "tools"], default="orders",
                    help="the dataset uploaded: medication orders to JSON (default), or the same orders placed "
                         "through a tool (use with jobs/configs/tools.yaml)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. --set training.max_steps=20 (repeatable)")
     sub.add_parser("config-schema", help="print the config's JSON schema (for editors and CI); keys: docs/CONFIG.md")
     return p
 
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             from ray_qlora.demo import demo
 
-            demo(args.config, sample=args.sample)
+            demo(args.config, sample=args.sample, overrides=args.overrides)
             return 0
         if args.verb == "config-schema":
             import json

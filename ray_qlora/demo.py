@@ -61,7 +61,8 @@ def _keep_locally(run_root: str, out: Path, cfg_storage: Any) -> None:
             dest.write_bytes(storage.read_bytes(uri, cfg_storage))
 
 
-def demo(config_path: str, keep_dir: str = ".demo", sample: str = "orders") -> dict[str, Any]:
+def demo(config_path: str, keep_dir: str = ".demo", sample: str = "orders",
+         overrides: list[str] | None = None) -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -71,7 +72,7 @@ def demo(config_path: str, keep_dir: str = ".demo", sample: str = "orders") -> d
     with local_s3_in_env() as store:  # stopped, and this process pointed back, when the demo ends
         print(f"local S3 at {store.endpoint_url}", flush=True)
         try:
-            cfg = load_config(config_path)
+            cfg = load_config(config_path, overrides)  # inside: ${AWS_ENDPOINT_URL} is this store's
             bucket = cfg.run.output_uri.removeprefix("s3://").split("/")[0]
             store.create_bucket(bucket)
             for uri in cfg.data.input_uris:
