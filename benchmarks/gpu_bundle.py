@@ -2,7 +2,7 @@
 
 The device machine has no network and its own Python 3.12 with torch 2.11 (CUDA 13), an older
 transformers and peft, and no bitsandbytes, trl, datasets or pydantic. ``benchmarks/gpu_check.sh``
-installs these wheels there offline and runs ``tests/test_gpu.py`` and ``train_throughput.py``.
+installs these wheels there offline and runs the CUDA tests and ``train_throughput.py``.
 Everything that travels must fit in 64 MiB with the working tree, so:
 
 - wheels are fetched without their dependencies, and only those the image lacks (or has too old);
@@ -101,8 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python-version", default="3.12", help="the device's Python (3.12); 3.11 to rehearse here")
     args = p.parse_args(argv)
 
-    shutil.rmtree(args.out, ignore_errors=True)
-    download(args.out / "wheels", args.python_version)
+    if args.out.exists() and any(args.out.iterdir()) and not (args.out / "wheels").is_dir():
+        print(f"gpu_bundle: {args.out} holds something other than a bundle; name a new folder", file=sys.stderr)
+        return 2
+    shutil.rmtree(args.out, ignore_errors=True)  # an earlier bundle: its wheels may be other versions
+    try:
+        download(args.out / "wheels", args.python_version)
+    except subprocess.CalledProcessError:
+        print("gpu_bundle: pip could not fetch the wheels (its message is above); this needs PyPI",
+              file=sys.stderr)
+        return 1
     slim_bitsandbytes(args.out / "wheels")
     tokenizer_cache(args.out / "cache")
     for f in sorted((args.out / "wheels").iterdir()):
