@@ -145,6 +145,12 @@ VERBS: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], int]]
 STAGE_VERBS = ("run", "prepare", "tune", "merge", "evaluate", "serve")
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE, the same on every verb that reads a config (load_config parses and checks it)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-qlora", description="QLoRA fine-tuning on Ray, from object storage to an endpoint.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -155,8 +161,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="pipeline YAML file")
         sp.add_argument("--run-id", help="run folder name (default: run.run_id, else a timestamp)")
         sp.add_argument("--no-wait", action="store_true", help="return after deploying even on a local Ray")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)")
+        _add_set(sp)
         if verb in STAGE_VERBS:
             sp.add_argument("--allow-config-change", action="store_true",
                             help="run although the config changes what earlier stages of the run were built from")
@@ -178,8 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--sample", choices=["orders", "tools"], default="orders",
                    help="the dataset uploaded: medication orders to JSON (default), or the same orders placed "
                         "through a tool (use with jobs/configs/tools.yaml)")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config key, e.g. --set training.max_steps=20 (repeatable)")
+    _add_set(d)
     sub.add_parser("config-schema", help="print the config's JSON schema (for editors and CI); keys: docs/CONFIG.md")
     return p
 
