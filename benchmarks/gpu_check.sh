@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, as one command on the lent device machine (no network there):
-#   1. install the wheels `python benchmarks/gpu_bundle.py` put in .gpu-bundle/ (offline, into /tmp/site);
+#   1. install the wheels `python benchmarks/gpu_bundle.py` put in .gpu-bundle/ (offline, into /tmp/site),
+#      and check the image holds what they need and the bundle cannot carry (pyarrow >= 19);
 #   2. tests/test_gpu.py and tests/test_lora.py (their CUDA tests skip elsewhere);
 #   3. benchmarks/train_throughput.py: today's trial path vs the defaults, real tokens/s, peak memory, MFU.
 # Without CUDA (a rehearsal here) the CUDA tests skip and the benchmark runs its tiny CPU shape.
@@ -33,6 +34,8 @@ for n in names:
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 print(f"python {platform.python_version()}  gpu {gpu}  " + "  ".join(f"{k} {v}" for k, v in found.items()))
 EOF
+# What the bundle cannot carry must be on the image: say so in one line, before the tests spend device time.
+"$PY" benchmarks/gpu_bundle.py --check-image 2>&1 | tee "$OUT/check_image.log" || exit 2
 
 status=0
 timeout "${TEST_TIMEOUT_S:-180}" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_lora.py 2>&1 \

@@ -28,10 +28,11 @@ def _bundle() -> ModuleType:
     return module
 
 
-def _wheel(path: Path, files: dict[str, bytes]) -> Path:
-    """A minimal wheel of a package named bitsandbytes, with a RECORD that hashes every file."""
-    info = "bitsandbytes-0.0.1.dist-info"
-    files = {**files, f"{info}/METADATA": b"Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.0.1\n",
+def _wheel(path: Path, files: dict[str, bytes], name: str = "bitsandbytes", version: str = "0.0.1") -> Path:
+    """A minimal wheel of that package, with a RECORD that hashes every file."""
+    info = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    files = {**files, f"{info}/METADATA": metadata,
              f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
 
     def digest(data: bytes) -> str:
@@ -39,7 +40,7 @@ def _wheel(path: Path, files: dict[str, bytes]) -> Path:
 
     record = "".join(f"{name},sha256={digest(data)},{len(data)}\n" for name, data in files.items())
     record += f"{info}/RECORD,,\n"
-    out = path / "bitsandbytes-0.0.1-py3-none-any.whl"
+    out = path / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(out, "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
@@ -70,6 +71,31 @@ def test_slimmed_bitsandbytes_keeps_cpu_and_cuda13_and_pip_installs_it(tmp_path:
                     "--target", str(site), str(slim)], check=True)
     assert sorted(p.name for p in (site / "bitsandbytes").glob("*.so")) == sorted(Path(k).name for k in kept)
     assert (site / "bitsandbytes" / "libbitsandbytes_cuda130.so").read_bytes() == b"cuda130" * 100
+
+
+def test_the_image_check_names_what_is_missing_or_too_old() -> None:
+    from importlib.metadata import version
+
+    too_old = _bundle().image_too_old
+    assert too_old() == []  # this venv holds the pyarrow CI installs
+    assert too_old({"pyarrow": "999"}) == [f"pyarrow {version('pyarrow')} is too old; the check needs pyarrow >= 999"]
+    assert too_old({"no-such-package": "1"}) == ["no-such-package is missing; the check needs no-such-package >= 1"]
+
+
+def test_gpu_check_stops_in_one_line_on_an_image_whose_pyarrow_is_too_old(tmp_path: Path) -> None:
+    """A bundle holding a pyarrow 18.1 stands in for such an image: what gpu_check.sh installs comes first."""
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    _wheel(wheels, {"pyarrow/__init__.py": b""}, name="pyarrow", version="18.1.0")
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_BUNDLE": str(wheels.parent), "GPU_SITE": str(tmp_path / "site"), "OUT": str(out),
+           "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert ("gpu_check: the image's pyarrow 18.1.0 is too old; the check needs pyarrow >= 19"
+            in (out / "check_image.log").read_text())
+    assert (out / "versions.txt").is_file() and not (out / "test_gpu.log").exists()  # stopped before the tests
 
 
 def test_every_pin_is_in_the_range_the_project_declares() -> None:
