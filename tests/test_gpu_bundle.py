@@ -1,5 +1,6 @@
 """What the GPU check carries: the slimmed bitsandbytes wheel still installs, its pins are supported
-ones, and what it runs imports nothing it leaves behind.
+ones, what it runs imports nothing it leaves behind, and it stops in one line on an image that lacks
+what it cannot carry.
 
 The bundle itself is built from PyPI (``make gpu-bundle``) and run on the device; here, without the
 network, the parts that could silently break it: an import of Ray or boto3 on the training path, say,
@@ -38,12 +39,12 @@ def _wheel(path: Path, files: dict[str, bytes], name: str = "bitsandbytes", vers
     def digest(data: bytes) -> str:
         return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
-    record = "".join(f"{name},sha256={digest(data)},{len(data)}\n" for name, data in files.items())
+    record = "".join(f"{arc},sha256={digest(data)},{len(data)}\n" for arc, data in files.items())
     record += f"{info}/RECORD,,\n"
     out = path / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(out, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
+        for arc, data in files.items():
+            z.writestr(arc, data)
         z.writestr(f"{info}/RECORD", record)
     return out
 
