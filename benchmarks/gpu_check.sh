@@ -13,7 +13,9 @@ OUT=${OUT:-/tmp/gpu-check}
 SITE=${GPU_SITE:-/tmp/site}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-[ -d "$BUNDLE/wheels" ] || { echo "gpu_check: no $BUNDLE/wheels; run python benchmarks/gpu_bundle.py first" >&2; exit 2; }
+# No wheels at all (never built, or a build whose download failed): one line, not pip's error on '*.whl'.
+compgen -G "$BUNDLE/wheels/*.whl" >/dev/null \
+    || { echo "gpu_check: no wheels in $BUNDLE/wheels; run python benchmarks/gpu_bundle.py first" >&2; exit 2; }
 BUNDLE=$(cd "$BUNDLE" && pwd)
 
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \

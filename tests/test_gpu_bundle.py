@@ -83,6 +83,16 @@ def test_the_image_check_names_what_is_missing_or_too_old() -> None:
     assert too_old({"no-such-package": "1"}) == ["no-such-package is missing; the check needs no-such-package >= 1"]
 
 
+def test_gpu_check_without_wheels_says_to_build_them(tmp_path: Path) -> None:
+    """Never built, or built by a run whose download failed (its wheels folder is left empty)."""
+    (tmp_path / "failed" / "wheels").mkdir(parents=True)
+    for bundle in (tmp_path / "never-built", tmp_path / "failed"):
+        run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                             env={**os.environ, "GPU_BUNDLE": str(bundle), "OUT": str(tmp_path / "out")}, timeout=60)
+        assert run.returncode == 2
+        assert run.stderr == f"gpu_check: no wheels in {bundle}/wheels; run python benchmarks/gpu_bundle.py first\n"
+
+
 def test_gpu_check_stops_in_one_line_on_an_image_whose_pyarrow_is_too_old(tmp_path: Path) -> None:
     """A bundle holding a pyarrow 18.1 stands in for such an image: what gpu_check.sh installs comes first."""
     wheels = tmp_path / "bundle" / "wheels"
